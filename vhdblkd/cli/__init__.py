@@ -1,0 +1,1 @@
+"""vhdblkctl: the command-line tool."""

@@ -1,0 +1,1 @@
+"""The long-running service: attachments, control socket, config, systemd."""

@@ -1,0 +1,83 @@
+"""The one exception tree of vhdblkd.
+
+Every error the project raises on purpose derives from VhdblkError; anything
+else escaping a layer is a bug and is logged with its traceback.  Messages
+name the file, the offset, the field, and the expected and found values, and
+say what to do next where there is something to do.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class VhdblkError(Exception):
+    """Root of every error vhdblkd raises on purpose."""
+
+
+# --- image format (vhdblkd/vhd/) -------------------------------------------
+
+
+class VhdError(VhdblkError):
+    """Something is wrong with a VHD file."""
+
+
+class CorruptImage(VhdError):
+    """The file is not a valid VHD, or its metadata is damaged."""
+
+
+class UnsupportedImage(VhdError):
+    """The file is a valid VHD that vhdblkd does not handle (type, size, version)."""
+
+
+class ParentError(VhdError):
+    """A differencing image's parent is missing, does not match, or is unsafe."""
+
+
+class ImageLocked(VhdError):
+    """The image is already open read-write elsewhere (or read-only, for a writer)."""
+
+
+class OutOfRange(VhdblkError):
+    """An I/O request falls outside the virtual disk."""
+
+
+class ReadOnlyImage(VhdblkError):
+    """A write was attempted on an image opened read-only."""
+
+
+# --- NBD protocol (vhdblkd/nbd/) --------------------------------------------
+
+
+class NbdError(VhdblkError):
+    """An NBD protocol error; carries the errno sent to the peer."""
+
+    errno: int = _errno.EINVAL
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class LocalProtocolError(NbdError):
+    """We were about to break the protocol (a bug or misuse of the codec)."""
+
+
+class RemoteProtocolError(NbdError):
+    """The peer broke the protocol (bad magic, oversized request, ...)."""
+
+
+# --- kernel and daemon -------------------------------------------------------
+
+
+class KernelError(VhdblkError):
+    """The kernel's nbd interface refused or is missing."""
+
+
+class DaemonError(VhdblkError):
+    """A request to the daemon failed (unknown device, refused, not running)."""
+
+
+class ConfigError(VhdblkError):
+    """A configuration file line or option is invalid."""

@@ -1,0 +1,1 @@
+"""NBD protocol: sans-IO codec, server loop, kernel netlink client."""

@@ -1,0 +1,2 @@
+"""VHD format engine: structures, validation, geometry, block map (no I/O policy)."""
+
