@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""NBD throughput benchmark: `vhdblkd export` against qemu-nbd and nbdkit.
+
+Every server runs on this machine, listens on a unix socket and is driven by
+`fio --ioengine=nbd` (libnbd).  All servers are measured in the same run and
+interleaved (run 1 of every server, then run 2, ...), so the ratios printed are
+not skewed by drift of the machine between phases.  Each cell is the median
+of --runs runs.  Usage: `bash bench/run [--quick] [--runs N] [--runtime S]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+VHD_BLOCK = 2 * MiB  # qemu-img's and vhdblkd's default dynamic block size
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    runs: int
+    runtime_s: int
+    ramp_s: int
+    fixed_size: int  # the fixed image, its raw twin, the read images
+    alloc_size: int  # the fresh dynamic images the allocation workloads fill
+    mem_size: int  # the large dynamic image whose RSS is measured
+    mem_write: int  # bytes of random 4k writes before the second RSS sample
+    workdir: Path
+    own_workdir: bool  # made by us, so removed at the end
+    outdir: Path
+    vhdblkd: str
+    sections: frozenset[str]
+    servers: frozenset[str]
+    quick: bool
+
+
+SECTIONS = ("fixed", "alloc", "read", "memory", "kernel")
+SERVERS = ("vhdblkd", "qemu-nbd", "nbdkit")
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, 1 run of 1 s each: a smoke test, not a measurement")
+    p.add_argument("--runs", type=int, help="runs per cell; the median is reported (default 3)")
+    p.add_argument("--runtime", type=int, help="seconds per fio job (default 5)")
+    p.add_argument("--ramp", type=int, help="fio ramp_time seconds on steady-state jobs (default 1)")
+    p.add_argument("--size-mib", type=int, help="fixed/read image size in MiB (default 1024)")
+    p.add_argument("--alloc-size-mib", type=int,
+                   help="size of each fresh dynamic image for the allocation workloads (default 8192)")
+    p.add_argument("--mem-size-gib", type=int, help="dynamic image for the RSS check (default 100)")
+    p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
+    p.add_argument("--sections", default=",".join(SECTIONS[:4]),
+                   help=f"comma list of {','.join(SECTIONS)} (kernel is opt-in; default: %(default)s)")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
+    p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
+    p.add_argument("--out", type=Path, default=REPO / "bench",
+                   help="where results.json and results.md go (default: bench/)")
+    p.add_argument("--vhdblkd", default=str(REPO / ".venv" / "bin" / "vhdblkd"), help="vhdblkd executable")
+    a = p.parse_args(argv)
+    q = a.quick
+
+    def pick(value: int | None, quick: int, full: int) -> int:
+        return value if value is not None else (quick if q else full)
+
+    sections = frozenset(s for s in a.sections.split(",") if s)
+    servers = frozenset(s for s in a.servers.split(",") if s)
+    for bad in (sections - set(SECTIONS)) | (servers - set(SERVERS)):
+        p.error(f"unknown section or server: {bad}")
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/var/tmp"))
+    return Config(
+        runs=pick(a.runs, 1, 3),
+        runtime_s=pick(a.runtime, 1, 5),
+        ramp_s=pick(a.ramp, 0, 1),
+        fixed_size=pick(a.size_mib, 64, 1024) * MiB,
+        alloc_size=pick(a.alloc_size_mib, 256, 8192) * MiB,
+        mem_size=pick(a.mem_size_gib, 4, 100) * GiB,
+        mem_write=pick(a.mem_write_mib, 16, 1024) * MiB,
+        workdir=workdir,
+        own_workdir=a.workdir is None,
+        outdir=a.out,
+        vhdblkd=a.vhdblkd,
+        sections=sections,
+        servers=servers,
+        quick=q,
+    )
+
+
+# --------------------------------------------------------------------------
+# running things
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run a helper command; its failure ends the benchmark with its output."""
+    res = subprocess.run(list(cmd), capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout}{res.stderr}")
+    return res  # type: ignore[no-any-return]
+
+
+def wait_for_nbd(sock: Path, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    """Wait until the server answers with the NBD greeting on its socket."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {sock}")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(sock))
+            if s.recv(8) == b"NBDMAGIC":
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"no NBD greeting on {sock} within {timeout_s}s")
+
+
+def server_argv(cfg: Config, kind: str, image: Path, sock: Path, read_only: bool = False) -> list[str]:
+    if kind == "vhdblkd":
+        return [cfg.vhdblkd, "export", *(["--read-only"] if read_only else []), "--unix", str(sock), str(image)]
+    if kind == "qemu-nbd":
+        # writeback: the host page cache absorbs writes, as it does for the
+        # other servers; FLUSH still reaches the disk.  -t keeps serving
+        # after a client disconnects.
+        return ["qemu-nbd", "-f", "vpc", "--cache=writeback", "-t", *(["-r"] if read_only else []),
+                "-k", str(sock), str(image)]
+    if kind == "nbdkit":
+        return ["nbdkit", "-f", *(["-r"] if read_only else []), "-U", str(sock), "file", f"file={image}"]
+    raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def serving(cfg: Config, kind: str, image: Path, read_only: bool = False) -> Iterator[tuple[Path, int]]:
+    """Start one server on a fresh unix socket; yield (socket, pid); stop it."""
+    sock = cfg.workdir / f"{kind}.sock"
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    errlog = open(cfg.workdir / f"{kind}.log", "ab")
+    proc = subprocess.Popen(server_argv(cfg, kind, image, sock, read_only),
+                            stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog)
+    try:
+        wait_for_nbd(sock, proc)
+        yield sock, proc.pid
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} died during the run (exit {proc.returncode}); see {errlog.name}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        errlog.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One fio job shape."""
+
+    key: str
+    label: str
+    rw: str
+    bs: str
+    qd: int
+
+
+def fio(cfg: Config, job: Job, target: dict[str, str], *, ramp: bool = True,
+        io_size: int | None = None, extra: Sequence[str] = ()) -> float:
+    """Run one fio job against `target` (uri=... or filename=...); return IOPS.
+
+    Time-based (--runtime) unless `io_size` bytes are asked for."""
+    out = cfg.workdir / "fio.json"
+    args = ["fio", "--name=bench", f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.qd}",
+            "--randrepeat=0", "--norandommap", f"--output={out}", "--output-format=json", *extra]
+    if io_size is None:
+        args += [f"--runtime={cfg.runtime_s}", "--time_based"]
+    else:
+        args.append(f"--io_size={io_size}")
+    if ramp and cfg.ramp_s:
+        args.append(f"--ramp_time={cfg.ramp_s}")
+    args += [f"--{k}={v}" for k, v in target.items()]
+    run(args)
+    data = json.loads(out.read_text())
+    j = data["jobs"][0]
+    if j["error"]:
+        raise RuntimeError(f"fio job {job.key} failed with error {j['error']}")
+    return float(j["read"]["iops"] + j["write"]["iops"])
+
+
+def nbd_target(sock: Path) -> dict[str, str]:
+    return {"ioengine": "nbd", "uri": f"nbd+unix:///?socket={sock}"}
+
+
+def fio_fill(sock: Path, bs: int, skip: int, offset: int = 0) -> None:
+    """Write `bs` bytes every `bs + skip` bytes from `offset` through a server."""
+    run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+         f"--rw=write:{skip}", f"--bs={bs}", f"--offset={offset}", "--iodepth=8",
+         "--output-format=terse"])
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set of a process and all its descendants, in KiB."""
+    total = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+        pids += [int(c) for c in children]
+    return total
+
+
+# --------------------------------------------------------------------------
+# images
+
+
+def qemu_img_create(path: Path, subformat: str, size: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    # force_size keeps the virtual size exact (creator "qem2") instead of
+    # rounding it to a CHS geometry, so every image matches its raw twin.
+    run(["qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat},force_size=on",
+         str(path), str(size)])
+
+
+def make_raw(path: Path, size: int) -> None:
+    """A raw file filled with non-zero data, so reads are never of holes."""
+    chunk = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            chunk[:8] = i.to_bytes(8, "little")
+            f.write(chunk)
+
+
+def make_fixed_pair(cfg: Config) -> tuple[Path, Path]:
+    raw = cfg.workdir / "fixed.raw"
+    vhd = cfg.workdir / "fixed.vhd"
+    make_raw(raw, cfg.fixed_size)
+    run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on",
+         str(raw), str(vhd)])
+    return raw, vhd
+
+
+def make_half_dynamic(cfg: Config, path: Path) -> None:
+    """A dynamic image with every other 2 MiB block allocated and filled."""
+    qemu_img_create(path, "dynamic", cfg.fixed_size)
+    with serving(cfg, "qemu-nbd", path) as (sock, _):
+        fio_fill(sock, VHD_BLOCK, VHD_BLOCK)
+
+
+def make_chain(cfg: Config) -> Path:
+    """base <- mid <- top, together half allocated like make_half_dynamic.
+
+    base holds blocks 0, 4, 8, ...; mid holds 1, 5, 9, ...; top overwrites the
+    first 64 KiB of base's blocks (partial sector bitmaps), so a random read
+    resolves in each of the three files.
+    """
+    from vhdblkd.vhd import create_differencing  # the bench runs in the project venv
+
+    base, mid, top = (cfg.workdir / f"chain-{n}.vhd" for n in ("base", "mid", "top"))
+    qemu_img_create(base, "dynamic", cfg.fixed_size)
+    with serving(cfg, "qemu-nbd", base) as (sock, _):
+        fio_fill(sock, VHD_BLOCK, 3 * VHD_BLOCK)
+    for child, parent in ((mid, base), (top, mid)):
+        with contextlib.suppress(FileNotFoundError):
+            child.unlink()
+        create_differencing(child, parent)
+    with serving(cfg, "vhdblkd", mid) as (sock, _):
+        fio_fill(sock, VHD_BLOCK, 3 * VHD_BLOCK, offset=VHD_BLOCK)
+    with serving(cfg, "vhdblkd", top) as (sock, _):
+        fio_fill(sock, 64 * 1024, 4 * VHD_BLOCK - 64 * 1024)
+    return top
+
+
+# --------------------------------------------------------------------------
+# results
+
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    key: str
+    label: str
+    runs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+    def median(self, server: str) -> float | None:
+        v = self.runs.get(server)
+        return statistics.median(v) if v else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """`num` / `den` must be >= `ratio` (medians of two cells)."""
+
+    label: str
+    num: tuple[str, str]  # (row key, column)
+    den: tuple[str, str]
+    ratio: float
+
+
+def ratio(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> float | None:
+    a = rows[num[0]].median(num[1]) if num[0] in rows else None
+    b = rows[den[0]].median(den[1]) if den[0] in rows else None
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# --------------------------------------------------------------------------
+# sections
+
+FIXED_JOBS = (
+    Job("seqread-1m-qd8", "seq read 1M QD8", "read", "1M", 8),
+    Job("randread-4k-qd1", "rand read 4k QD1", "randread", "4k", 1),
+    Job("randread-4k-qd16", "rand read 4k QD16", "randread", "4k", 16),
+    Job("randwrite-4k-qd16", "rand write 4k QD16", "randwrite", "4k", 16),
+    Job("seqwrite-1m-qd8", "seq write 1M QD8", "write", "1M", 8),
+)
+ALLOC_JOBS = (
+    Job("randwrite-4k-qd16", "rand write 4k QD16", "randwrite", "4k", 16),
+    Job("seqwrite-1m-qd8", "seq write 1M QD8", "write", "1M", 8),
+)
+READ_JOBS = (
+    Job("randread-4k-qd1", "rand read 4k QD1", "randread", "4k", 1),
+    Job("randread-4k-qd16", "rand read 4k QD16", "randread", "4k", 16),
+)
+
+
+def section_fixed(cfg: Config, rows: dict[str, Row]) -> None:
+    log(f"fixed: building a {cfg.fixed_size // MiB} MiB fixed VHD and its raw twin")
+    raw, vhd = make_fixed_pair(cfg)
+    servers = [s for s in SERVERS if s in cfg.servers]
+    for job in FIXED_JOBS:
+        rows[f"fixed/{job.key}"] = Row("fixed", f"fixed/{job.key}", f"fixed {job.label}")
+    for n in range(cfg.runs):
+        for kind in servers:
+            image = raw if kind == "nbdkit" else vhd
+            with serving(cfg, kind, image) as (sock, _):
+                for job in FIXED_JOBS:
+                    iops = fio(cfg, job, nbd_target(sock))
+                    rows[f"fixed/{job.key}"].runs.setdefault(kind, []).append(iops)
+                    log(f"fixed run {n + 1}/{cfg.runs} {kind:9} {job.label:20} {iops:10.0f} IOPS")
+        # the ceiling: the same access pattern straight on the raw file
+        for job in FIXED_JOBS:
+            iops = fio(cfg, job, {"ioengine": "psync", "filename": str(raw)})
+            rows[f"fixed/{job.key}"].runs.setdefault("psync", []).append(iops)
+    for f in (raw, vhd):
+        f.unlink()
+
+
+def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
+    servers = [s for s in ("vhdblkd", "qemu-nbd") if s in cfg.servers]
+    img = cfg.workdir / "alloc.vhd"
+    for job in ALLOC_JOBS:
+        rows[f"alloc/{job.key}"] = Row("alloc", f"alloc/{job.key}", f"fresh dynamic {job.label}",
+                                       note=f"{cfg.alloc_size // MiB} MiB image, recreated per run")
+    for n in range(cfg.runs):
+        for job in ALLOC_JOBS:
+            for kind in servers:
+                qemu_img_create(img, "dynamic", cfg.alloc_size)
+                with serving(cfg, kind, img) as (sock, _):
+                    # no ramp: the first allocations are the point
+                    iops = fio(cfg, job, nbd_target(sock), ramp=False)
+                rows[f"alloc/{job.key}"].runs.setdefault(kind, []).append(iops)
+                log(f"alloc run {n + 1}/{cfg.runs} {kind:9} {job.label:20} {iops:10.0f} IOPS")
+    img.unlink()
+
+
+def section_read(cfg: Config, rows: dict[str, Row]) -> None:
+    servers = [s for s in ("vhdblkd", "qemu-nbd") if s in cfg.servers]
+    dyn = cfg.workdir / "half.vhd"
+    log("read: building a half-allocated dynamic image and a 3-file differencing chain")
+    make_half_dynamic(cfg, dyn)
+    images = {"dyn": dyn}
+    try:
+        images["diff"] = make_chain(cfg)
+    except (ImportError, RuntimeError) as exc:
+        log(f"read: no differencing chain ({exc}); differencing rows skipped")
+    for job in READ_JOBS:
+        rows[f"dyn/{job.key}"] = Row("read", f"dyn/{job.key}", f"half-alloc dynamic {job.label}")
+        rows[f"diff/{job.key}"] = Row(
+            "read", f"diff/{job.key}", f"2-level diff chain {job.label}",
+            note="qemu-nbd opens a differencing VHD as dynamic (parent reads as zeros)")
+    for n in range(cfg.runs):
+        for name, image in images.items():
+            for kind in servers:
+                with serving(cfg, kind, image, read_only=True) as (sock, _):
+                    for job in READ_JOBS:
+                        iops = fio(cfg, job, nbd_target(sock))
+                        rows[f"{name}/{job.key}"].runs.setdefault(kind, []).append(iops)
+                        log(f"read run {n + 1}/{cfg.runs} {name:4} {kind:9} {job.label:20} {iops:10.0f} IOPS")
+    for f in cfg.workdir.glob("*.vhd"):
+        f.unlink()
+
+
+def section_memory(cfg: Config, results: dict[str, object]) -> None:
+    """RSS of `vhdblkd export`: idle on a small and a huge dynamic image, then
+    after random 4k writes into the huge one.  Idle RSS must not depend on the
+    image size."""
+    if "vhdblkd" not in cfg.servers:
+        return
+    mem: dict[str, object] = {}
+    small, big = cfg.workdir / "mem-small.vhd", cfg.workdir / "mem-big.vhd"
+    qemu_img_create(small, "dynamic", cfg.fixed_size)
+    qemu_img_create(big, "dynamic", cfg.mem_size)
+    for name, image in (("small", small), ("big", big)):
+        with serving(cfg, "vhdblkd", image) as (sock, pid):
+            # one handshake and a few reads, so lazily built state is counted
+            fio(cfg, Job("touch", "", "randread", "4k", 1), nbd_target(sock), ramp=False, io_size=64 * 1024)
+            time.sleep(0.5)
+            mem[f"idle_kib_{name}"] = rss_kib(pid)
+            log(f"memory: idle RSS on {image.name}: {mem[f'idle_kib_{name}']} KiB")
+            if name == "big":
+                # spread the writes over the whole image unless the disk could
+                # not hold a fully-allocated result
+                span = cfg.mem_size
+                free = shutil.disk_usage(cfg.workdir).free
+                if free < 2 * span:
+                    span = max(cfg.fixed_size, (free // 4) // GiB * GiB)
+                start = time.monotonic()
+                fio(cfg, Job("mw", "", "randwrite", "4k", 16), nbd_target(sock), ramp=False,
+                    io_size=cfg.mem_write, extra=[f"--size={span}"])
+                mem["write_seconds"] = round(time.monotonic() - start, 1)
+                time.sleep(0.5)
+                mem["after_write_kib"] = rss_kib(pid)
+                mem["write_span_bytes"] = span
+                log(f"memory: RSS after {cfg.mem_write // MiB} MiB of random 4k writes: "
+                    f"{mem['after_write_kib']} KiB")
+    mem.update(small_image_bytes=cfg.fixed_size, big_image_bytes=cfg.mem_size, written_bytes=cfg.mem_write)
+    results["memory"] = mem
+    for f in (small, big):
+        f.unlink()
+
+
+# --------------------------------------------------------------------------
+# report
+
+TARGETS = (
+    *(Target(f"fixed {j.label}: vhdblkd >= 1.0x nbdkit", (f"fixed/{j.key}", "vhdblkd"),
+             (f"fixed/{j.key}", "nbdkit"), 1.0) for j in FIXED_JOBS),
+    *(Target(f"fixed {j.label}: vhdblkd >= 2x qemu-nbd", (f"fixed/{j.key}", "vhdblkd"),
+             (f"fixed/{j.key}", "qemu-nbd"), 2.0) for j in FIXED_JOBS),
+    Target("fresh dynamic rand write 4k QD16: vhdblkd >= 5x qemu-nbd",
+           ("alloc/randwrite-4k-qd16", "vhdblkd"), ("alloc/randwrite-4k-qd16", "qemu-nbd"), 5.0),
+    *(Target(f"diff chain {j.label}: >= 0.8x vhdblkd's own dynamic", (f"diff/{j.key}", "vhdblkd"),
+             (f"dyn/{j.key}", "vhdblkd"), 0.8) for j in READ_JOBS),
+)
+COLUMNS = ("vhdblkd", "qemu-nbd", "nbdkit", "psync")
+
+
+def fmt_iops(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def row_ratios(row: Row) -> dict[str, float | None]:
+    ours = row.median("vhdblkd")
+    out: dict[str, float | None] = {}
+    for other in ("nbdkit", "qemu-nbd"):
+        theirs = row.median(other)
+        out[other] = None if ours is None or not theirs else ours / theirs
+    return out
+
+
+def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    head = ["workload (IOPS, median)", *COLUMNS, "vs nbdkit", "vs qemu-nbd"]
+    body = []
+    for row in rows.values():
+        r = row_ratios(row)
+        body.append([row.label, *(fmt_iops(row.median(c)) for c in COLUMNS),
+                     fmt_ratio(r["nbdkit"]), fmt_ratio(r["qemu-nbd"])])
+    if md:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        return lines
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
+
+
+def target_lines(rows: dict[str, Row], md: bool) -> list[tuple[str, float | None, bool | None]]:
+    out = []
+    for t in TARGETS:
+        v = ratio(rows, t.num, t.den)
+        out.append((t.label, v, None if v is None else v >= t.ratio))
+    return out
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for tool, flag in (("fio", "--version"), ("qemu-nbd", "--version"), ("nbdkit", "--version")):
+        with contextlib.suppress(OSError, RuntimeError):
+            versions[tool] = run([tool, flag]).stdout.splitlines()[0].strip()
+    return {"nproc": str(os.cpu_count()), "kernel": platform.release(), "cpu": cpu,
+            "python": platform.python_version(), **versions}
+
+
+def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bool) -> str:
+    m = results["machine"]
+    assert isinstance(m, dict)
+    out: list[str] = []
+    settings = (f"{cfg.runs} run(s) per cell, median; {cfg.runtime_s} s per fio job"
+                f"{f' (+{cfg.ramp_s} s ramp)' if cfg.ramp_s else ''}; fixed image {cfg.fixed_size // MiB} MiB"
+                f"{'; QUICK MODE (smoke test, not a measurement)' if cfg.quick else ''}")
+    mach = f"{m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, {m.get('fio', 'fio ?')}, {m.get('qemu-nbd', '')}, {m.get('nbdkit', '')}"
+    if md:
+        out += [f"Machine: {mach}.", "", f"Settings: {settings}.", ""]
+    else:
+        out += [f"machine: {mach}", f"settings: {settings}", ""]
+    out += table_lines(rows, md)
+    out += ["",
+            "Servers: `vhdblkd export --unix`; `qemu-nbd -f vpc --cache=writeback` on the same VHD; "
+            "`nbdkit file` on the raw twin; psync = fio --ioengine=psync on the raw file (QD1, the ceiling). "
+            "All over unix sockets, driven by fio --ioengine=nbd.",
+            "qemu-nbd opens a differencing VHD as a dynamic one (its parent reads as zeros), so its "
+            "chain row does less work than ours."]
+    out += ["", "Targets:" if not md else "| target | measured | met |"]
+    if md:
+        out.append("|---|---:|:---:|")
+    for label, v, ok in target_lines(rows, md):
+        mark = "n/a" if ok is None else ("yes" if ok else "NO")
+        out.append(f"| {label} | {fmt_ratio(v)} | {mark} |" if md else f"  {label:62} {fmt_ratio(v):>8}  {mark}")
+    mem = results.get("memory")
+    if isinstance(mem, dict):
+        out += ["", "Memory (RSS of `vhdblkd export`):" if md else "memory (RSS of vhdblkd export):"]
+        b = "- " if md else "  "
+        out.append(f"{b}idle, {mem['small_image_bytes'] // GiB or 1} GiB dynamic image: {mem['idle_kib_small'] / 1024:.1f} MiB")
+        out.append(f"{b}idle, {mem['big_image_bytes'] // GiB} GiB dynamic image: {mem['idle_kib_big'] / 1024:.1f} MiB")
+        out.append(f"{b}after {mem['written_bytes'] // MiB} MiB of random 4k writes QD16 over "
+                   f"{mem['write_span_bytes'] // GiB} GiB of it ({mem['write_seconds']} s): "
+                   f"{mem['after_write_kib'] / 1024:.1f} MiB")
+    kern = results.get("kernel")
+    if isinstance(kern, dict):
+        out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
+        for k, v in kern.items():
+            out.append(f"{'- ' if md else '  '}{k}: {v}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (bash .ci/setup installs it)", file=sys.stderr)
+            return 2
+    if "vhdblkd" in cfg.servers and not os.access(cfg.vhdblkd, os.X_OK):
+        print(f"bench: {cfg.vhdblkd} not found; run bash .ci/setup or pass --vhdblkd", file=sys.stderr)
+        return 2
+    rows: dict[str, Row] = {}
+    results: dict[str, object] = {"machine": machine()}
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("fixed", lambda: section_fixed(cfg, rows)),
+        ("alloc", lambda: section_alloc(cfg, rows)),
+        ("read", lambda: section_read(cfg, rows)),
+        ("memory", lambda: section_memory(cfg, results)),
+        ("kernel", lambda: section_kernel(cfg, results)),
+    ]
+    started = time.monotonic()
+    try:
+        for name, step in steps:
+            if name in cfg.sections:
+                step()
+    finally:
+        if cfg.own_workdir:
+            shutil.rmtree(cfg.workdir, ignore_errors=True)
+    rows = {k: r for k, r in rows.items() if r.runs}
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, frozenset) else v)
+                           for k, v in dataclasses.asdict(cfg).items()}
+    results["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    results["rows"] = [
+        {"key": r.key, "label": r.label, "note": r.note, "runs": r.runs,
+         "median": {c: r.median(c) for c in r.runs}, "ratio_vs": row_ratios(r)}
+        for r in rows.values()
+    ]
+    results["targets"] = [{"target": label, "ratio": v, "met": ok} for label, v, ok in target_lines(rows, False)]
+    cfg.outdir.mkdir(parents=True, exist_ok=True)
+    (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (cfg.outdir / "results.md").write_text(render(cfg, rows, results, md=True))
+    print(render(cfg, rows, results, md=False), end="")
+    log(f"done in {results['elapsed_seconds']} s; wrote {cfg.outdir / 'results.json'} and results.md")
+    return 0
+
+
+def section_kernel(cfg: Config, results: dict[str, object]) -> None:
+    log("kernel: not available in this version of the benchmark")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

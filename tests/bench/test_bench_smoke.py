@@ -1,0 +1,50 @@
+"""The benchmark script runs end to end at tiny sizes and reports every cell.
+
+This checks the harness, not the speed: no timing is asserted (the numbers of
+a --quick run mean nothing).  It uses the real peers qemu-nbd, nbdkit and fio.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "nbdbench.py"
+
+
+@pytest.mark.peers
+def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--workdir", str(work), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "workload (IOPS, median)" in out
+    for label in ("fixed rand read 4k QD16", "fresh dynamic rand write 4k QD16",
+                  "half-alloc dynamic rand read 4k QD1", "2-level diff chain rand read 4k QD16"):
+        assert label in out, out
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["key"]: r for r in results["rows"]}
+    # every server measured every workload it takes part in, with real I/O
+    for key in ("fixed/seqread-1m-qd8", "fixed/randread-4k-qd1", "fixed/randread-4k-qd16",
+                "fixed/randwrite-4k-qd16", "fixed/seqwrite-1m-qd8"):
+        assert set(rows[key]["median"]) == {"vhdblkd", "qemu-nbd", "nbdkit", "psync"}, key
+    for key in ("alloc/randwrite-4k-qd16", "alloc/seqwrite-1m-qd8", "dyn/randread-4k-qd1",
+                "diff/randread-4k-qd16"):
+        assert set(rows[key]["median"]) == {"vhdblkd", "qemu-nbd"}, key
+    assert all(v > 0 for r in rows.values() for v in r["median"].values())
+    # every target got a measured ratio
+    assert all(t["ratio"] is not None for t in results["targets"]), results["targets"]
+    mem = results["memory"]
+    assert mem["idle_kib_small"] > 0 and mem["idle_kib_big"] > 0 and mem["after_write_kib"] > 0
+    assert "| workload (IOPS, median) |" in (tmp_path / "results.md").read_text()
+    # the scratch directory given with --workdir is kept, but images are gone
+    assert not list(work.glob("*.vhd")) and not list(work.glob("*.raw"))
