@@ -81,3 +81,7 @@ class DaemonError(VhdblkError):
 
 class ConfigError(VhdblkError):
     """A configuration file line or option is invalid."""
+
+
+class DiskFull(VhdError):
+    """The file system holding an image has no space left (ENOSPC/EDQUOT)."""

@@ -1,0 +1,107 @@
+"""The one gateway for I/O on an image file.
+
+Every read, write, truncate and sync of an image goes through ImageFile so a
+test (or a fault-injection layer recording operations for crash replay) can
+substitute a subclass.  Short reads past the end of file return fewer bytes;
+callers decide whether that is corruption.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+
+from vhdblkd.errors import DiskFull
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ImageFile:
+    """An image file opened O_RDONLY or O_RDWR."""
+
+    def __init__(self, path: str, writable: bool, *, create: bool = False) -> None:
+        self.path = path
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        self._fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer only at end of file)."""
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self._fd, length - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                done = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(f"{self.path}: no space left writing {len(view)} bytes at offset {offset}") from exc
+                raise
+            view = view[done:]
+            offset += done
+
+    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        for buf in buffers:
+            self.pwrite(offset, buf)
+            offset += len(buf)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self._fd, length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve disk space for a range (posix_fallocate); keeps it sparse if unsupported."""
+        try:
+            os.posix_fallocate(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"{self.path}: no space left to reserve {length} bytes at offset {offset}") from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+    def fdatasync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def mtime(self) -> int:
+        """Modification time in whole seconds since the Unix epoch."""
+        return int(os.fstat(self._fd).st_mtime)
+
+    def identity(self) -> tuple[int, int]:
+        """(device, inode): lets the lock layer find holders in /proc/locks."""
+        st = os.fstat(self._fd)
+        return st.st_dev, st.st_ino
+
+    def map_readonly(self, length: int) -> mmap.mmap | None:
+        """A shared read-only mapping of the first `length` bytes, or None if not mappable."""
+        if length <= 0:
+            return None
+        try:
+            return mmap.mmap(self._fd, length, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
