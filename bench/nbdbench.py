@@ -53,6 +53,7 @@ class Config:
     sections: frozenset[str]
     servers: frozenset[str]
     quick: bool
+    argv: tuple[str, ...]  # as given, for the report
 
 
 SECTIONS = ("fixed", "alloc", "read", "memory", "kernel")
@@ -76,8 +77,8 @@ def parse_args(argv: Sequence[str]) -> Config:
                    help=f"comma list of {','.join(SECTIONS)} (kernel is opt-in; default: %(default)s)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
-    p.add_argument("--out", type=Path, default=REPO / "bench",
-                   help="where results.json and results.md go (default: bench/)")
+    p.add_argument("--out", type=Path,
+                   help="where results.json and RESULTS.md go (default: bench/; with --quick, the scratch dir)")
     p.add_argument("--vhdblkd", default=str(REPO / ".venv" / "bin" / "vhdblkd"), help="vhdblkd executable")
     a = p.parse_args(argv)
     q = a.quick
@@ -99,12 +100,13 @@ def parse_args(argv: Sequence[str]) -> Config:
         mem_size=pick(a.mem_size_gib, 4, 100) * GiB,
         mem_write=pick(a.mem_write_mib, 16, 1024) * MiB,
         workdir=workdir,
-        own_workdir=a.workdir is None,
-        outdir=a.out,
+        own_workdir=a.workdir is None and not q,
+        outdir=a.out or (workdir / "results" if q else REPO / "bench"),
         vhdblkd=a.vhdblkd,
         sections=sections,
         servers=servers,
         quick=q,
+        argv=tuple(argv),
     )
 
 
@@ -116,12 +118,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+def run(cmd: Sequence[str]) -> subprocess.CompletedProcess[str]:
     """Run a helper command; its failure ends the benchmark with its output."""
-    res = subprocess.run(list(cmd), capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+    res = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout}{res.stderr}")
-    return res  # type: ignore[no-any-return]
+    return res
 
 
 def wait_for_nbd(sock: Path, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -509,8 +511,10 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
         lines += ["| " + " | ".join(b) + " |" for b in body]
         return lines
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
 
 
@@ -546,7 +550,10 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
                 f"{'; QUICK MODE (smoke test, not a measurement)' if cfg.quick else ''}")
     mach = f"{m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, {m.get('fio', 'fio ?')}, {m.get('qemu-nbd', '')}, {m.get('nbdkit', '')}"
     if md:
-        out += [f"Machine: {mach}.", "", f"Settings: {settings}.", ""]
+        out += ["# vhdblkd benchmark results", "",
+                f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+                f"`bash bench/run{' ' + ' '.join(cfg.argv) if cfg.argv else ''}`.", "",
+                f"Machine: {mach}.", "", f"Settings: {settings}.", ""]
     else:
         out += [f"machine: {mach}", f"settings: {settings}", ""]
     out += table_lines(rows, md)
@@ -618,9 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["targets"] = [{"target": label, "ratio": v, "met": ok} for label, v, ok in target_lines(rows, False)]
     cfg.outdir.mkdir(parents=True, exist_ok=True)
     (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (cfg.outdir / "results.md").write_text(render(cfg, rows, results, md=True))
+    (cfg.outdir / "RESULTS.md").write_text(render(cfg, rows, results, md=True))
     print(render(cfg, rows, results, md=False), end="")
-    log(f"done in {results['elapsed_seconds']} s; wrote {cfg.outdir / 'results.json'} and results.md")
+    log(f"done in {results['elapsed_seconds']} s; wrote {cfg.outdir / 'results.json'} and RESULTS.md")
     return 0
 
 
