@@ -1,0 +1,76 @@
+"""/run/vhdblkd/state.json: what is attached where, so a restarted daemon can find its devices.
+
+Written atomically (temporary file and rename) after every change; read at
+start to re-adopt devices the kernel still has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .vhdtab import atomic_write
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    name: str
+    image: str
+    index: int
+    backend_identifier: str
+    options: dict[str, Any]
+    from_vhdtab: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image": self.image,
+            "index": self.index,
+            "device": f"/dev/nbd{self.index}",
+            "backend_identifier": self.backend_identifier,
+            "options": self.options,
+            "from_vhdtab": self.from_vhdtab,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> StateRecord:
+        return cls(
+            name=str(obj["name"]),
+            image=str(obj["image"]),
+            index=int(obj["index"]),
+            backend_identifier=str(obj["backend_identifier"]),
+            options=dict(obj.get("options", {})),
+            from_vhdtab=bool(obj.get("from_vhdtab", False)),
+        )
+
+
+def write_state(path: Path, pid: int, records: list[StateRecord]) -> None:
+    doc = {"version": STATE_VERSION, "pid": pid, "attachments": [r.to_json() for r in records]}
+    atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8"), 0o600)
+
+
+def read_state(path: Path) -> list[StateRecord]:
+    """The records of a previous run; an absent or unreadable file is an empty list (and logged)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable state file %s: %s", path, exc)
+        return []
+    try:
+        if doc.get("version") != STATE_VERSION:
+            log.warning("ignoring state file %s of version %r", path, doc.get("version"))
+            return []
+        return [StateRecord.from_json(item) for item in doc["attachments"]]
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("ignoring malformed state file %s: %s", path, exc)
+        return []
