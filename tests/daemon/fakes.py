@@ -1,0 +1,168 @@
+"""Test doubles for the daemon: a fake kernel that speaks NBD like the driver, and a counting image."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vhdblkd.backend import MemoryBackend
+from vhdblkd.errors import ImageLocked, KernelError
+
+REQUEST = struct.Struct(">IHHQQI")
+REPLY = struct.Struct(">IIQ")
+REQUEST_MAGIC = 0x25609513
+REPLY_MAGIC = 0x67446698
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH = 0, 1, 2, 3
+
+
+@dataclass
+class FakeDevice:
+    index: int
+    socks: list[socket.socket]
+    size: int
+    block_size: int
+    timeout: int
+    dead_conn_timeout: int
+    server_flags: int
+    backend_identifier: str
+    cookie: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _request(self, type_: int, offset: int = 0, length: int = 0, payload: bytes = b"", conn: int = 0) -> bytes:
+        with self.lock:
+            self.cookie += 1
+            sock = self.socks[conn]
+            sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, type_, self.cookie, offset, length) + payload)
+            magic, error, cookie = REPLY.unpack(_recv_exact(sock, REPLY.size))
+            assert magic == REPLY_MAGIC and cookie == self.cookie
+            if error:
+                raise OSError(error, os.strerror(error))
+            return _recv_exact(sock, length) if type_ == CMD_READ else b""
+
+    def write(self, offset: int, data: bytes, conn: int = 0) -> None:
+        self._request(CMD_WRITE, offset, len(data), data, conn)
+
+    def read(self, offset: int, length: int, conn: int = 0) -> bytes:
+        return self._request(CMD_READ, offset, length, conn=conn)
+
+    def flush(self, conn: int = 0) -> None:
+        self._request(CMD_FLUSH, conn=conn)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("server closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+class FakeKernel:
+    """Takes the socketpair ends as the driver does (its own reference) and sends DISC on disconnect."""
+
+    def __init__(self, max_devices: int = 8) -> None:
+        self.devices: dict[int, FakeDevice] = {}
+        self.max_devices = max_devices
+        self.log: list[tuple[str, Any]] = []
+        self.fail_connect: KernelError | None = None
+        self.closed = False
+
+    def connect(
+        self,
+        sock_fds: Sequence[int],
+        size_bytes: int,
+        *,
+        index: int | None,
+        block_size: int,
+        timeout: int,
+        dead_conn_timeout: int,
+        server_flags: int,
+        backend_identifier: str,
+    ) -> int:
+        if self.fail_connect is not None:
+            raise self.fail_connect
+        if index is None:
+            index = next(i for i in range(self.max_devices) if i not in self.devices)
+        elif index in self.devices:
+            raise KernelError(f"/dev/nbd{index} is busy")
+        socks = [socket.socket(fileno=os.dup(fd)) for fd in sock_fds]
+        self.devices[index] = FakeDevice(
+            index, socks, size_bytes, block_size, timeout, dead_conn_timeout, server_flags, backend_identifier
+        )
+        self.log.append(("connect", index))
+        return index
+
+    def disconnect(self, index: int) -> None:
+        dev = self.devices.pop(index, None)
+        if dev is None:
+            raise KernelError(f"/dev/nbd{index} is not connected")
+        self.log.append(("disconnect", index))
+        for sock in dev.socks:
+            with dev.lock:
+                try:
+                    sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0))
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def reconfigure(self, index: int, sock_fds: Sequence[int], *, backend_identifier: str) -> None:
+        raise KernelError("reconfigure is not supported by the fake")
+
+    def status(self) -> dict[int, bool]:
+        return {i: True for i in self.devices}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeImage(MemoryBackend):
+    """A MemoryBackend that records flushes and close, with a path-keyed write lock like the real one."""
+
+    def __init__(self, path: str, size: int, read_only: bool, events: list[str], locks: dict[str, str]) -> None:
+        super().__init__(size, read_only)
+        self.path = path
+        self.events = events
+        self.closed = False
+        self._locks = locks
+        self.disk_type = "dynamic"
+        if not read_only:
+            if path in locks:
+                raise ImageLocked(f"{path} is locked by {locks[path]}")
+            locks[path] = f"pid {os.getpid()}"
+
+    def flush(self) -> None:
+        super().flush()
+        self.events.append(f"flush {self.path}")
+
+    def close(self) -> None:
+        self.events.append(f"close {self.path}")
+        self.closed = True
+        self._locks.pop(self.path, None)
+
+
+class FakeOpener:
+    """Opens any existing file as a FakeImage of 1 MiB; records every image it made."""
+
+    def __init__(self, size: int = 1 << 20) -> None:
+        self.size = size
+        self.events: list[str] = []
+        self.images: list[FakeImage] = []
+        self.locks: dict[str, str] = {}
+
+    def __call__(self, path: str, *, read_only: bool, allow_unsafe_parent: bool) -> FakeImage:
+        with open(path, "rb") as f:
+            if f.read(8) == b"corrupt!":
+                from vhdblkd.errors import CorruptImage
+
+                raise CorruptImage(f"{path}: footer cookie: expected b'conectix', found b'corrupt!'")
+        image = FakeImage(path, self.size, read_only, self.events, self.locks)
+        self.images.append(image)
+        return image

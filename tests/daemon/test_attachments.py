@@ -1,0 +1,145 @@
+"""The attachment manager against a fake kernel: attach, I/O through the real server, flush-then-disconnect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vhdblkd.daemon.attachments import AttachmentManager
+from vhdblkd.daemon.vhdtab import VhdtabEntry
+from vhdblkd.errors import DaemonError, ImageLocked, KernelError
+
+from .fakes import FakeKernel, FakeOpener
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    p = tmp_path / "disk.vhd"
+    p.write_bytes(b"conectix")
+    return str(p)
+
+
+def make(busy: dict[int, str] | None = None) -> tuple[AttachmentManager, FakeKernel, FakeOpener, list[int]]:
+    kernel = FakeKernel()
+    opener = FakeOpener()
+    synced: list[int] = []
+    reasons = busy if busy is not None else {}
+    mgr = AttachmentManager(kernel, opener=opener, busy=reasons.get, sync=synced.append, drain_seconds=5)
+    return mgr, kernel, opener, synced
+
+
+def test_attach_hands_kernel_the_sockets_and_serves_them(image: str) -> None:
+    mgr, kernel, opener, _ = make()
+    att = mgr.attach(VhdtabEntry("data", image, timeout_seconds=7, block_size=4096), from_vhdtab=False)
+    assert att.device == "/dev/nbd0"
+    dev = kernel.devices[0]
+    assert dev.size == 1 << 20
+    assert dev.block_size == 4096 and dev.timeout == 7 and dev.dead_conn_timeout == 60
+    assert dev.backend_identifier == "vhdblkd:data"
+    assert dev.server_flags == att.export.flags
+    dev.write(4096, b"x" * 512)
+    assert dev.read(4096, 512) == b"x" * 512
+    assert bytes(opener.images[0].read(4096, 512)) == b"x" * 512
+    desc = att.describe()
+    assert desc["stats"]["writes"] == 1 and desc["stats"]["reads"] == 1
+    assert desc["name"] == "data" and desc["type"] == "dynamic" and desc["read_only"] is False
+    mgr.shutdown()
+
+
+def test_detach_flushes_before_disconnect_then_closes(image: str) -> None:
+    mgr, kernel, opener, synced = make()
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    kernel.devices[0].write(0, b"y" * 4096)
+    mgr.detach("/dev/nbd0")
+    img = opener.images[0]
+    assert synced == [0]
+    # flush before DISCONNECT (the kernel sends none), the server flushes again on DISC, then close.
+    assert opener.events[0] == f"flush {image}"
+    assert opener.events[-1] == f"close {image}"
+    assert opener.events.count(f"flush {image}") >= 2
+    assert kernel.log == [("connect", 0), ("disconnect", 0)]
+    assert img.closed and mgr.attachments() == []
+    assert bytes(img.read(0, 4096)) == b"y" * 4096
+
+
+def test_detach_of_busy_device_refused_unless_forced(image: str) -> None:
+    busy = {0: "mounted on /mnt"}
+    mgr, kernel, opener, _ = make(busy)
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    with pytest.raises(DaemonError, match=r"/dev/nbd0 \(data\) is in use: mounted on /mnt.*--force"):
+        mgr.detach("data")
+    assert 0 in kernel.devices and not opener.images[0].closed
+    mgr.detach("data", force=True)
+    assert 0 not in kernel.devices and opener.images[0].closed
+
+
+def test_find_by_name_device_and_image(image: str) -> None:
+    mgr, _, _, _ = make()
+    att = mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    assert mgr.find("data") is att
+    assert mgr.find("nbd0") is att
+    assert mgr.find("/dev/nbd0") is att
+    assert mgr.find(image) is att
+    with pytest.raises(DaemonError, match="no attachment named '/dev/nbd5'"):
+        mgr.find("/dev/nbd5")
+    mgr.shutdown()
+
+
+def test_errors_change_nothing(image: str, tmp_path: Path) -> None:
+    mgr, kernel, opener, _ = make()
+    with pytest.raises(DaemonError, match="no such file"):
+        mgr.attach(VhdtabEntry("x", str(tmp_path / "missing.vhd")), from_vhdtab=False)
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    with pytest.raises(DaemonError, match="already attached as /dev/nbd0"):
+        mgr.attach(VhdtabEntry("other", image), from_vhdtab=False)
+    with pytest.raises(DaemonError, match="name 'data' is already attached"):
+        mgr.attach(VhdtabEntry("data", image + "2"), from_vhdtab=False)
+    assert list(kernel.devices) == [0] and len(opener.images) == 1
+    mgr.shutdown()
+
+
+def test_image_locked_elsewhere_is_reported(image: str) -> None:
+    mgr, kernel, opener, _ = make()
+    opener.locks[image] = "pid 4242 (qemu-nbd)"
+    with pytest.raises(ImageLocked, match="pid 4242"):
+        mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    assert kernel.devices == {}
+
+
+def test_kernel_refusal_closes_the_image_and_stops_threads(image: str) -> None:
+    mgr, kernel, opener, _ = make()
+    kernel.fail_connect = KernelError("nbd CONNECT failed: Device or resource busy")
+    with pytest.raises(KernelError, match="busy"):
+        mgr.attach(VhdtabEntry("data", image, connections=2), from_vhdtab=False)
+    assert opener.images[0].closed
+    assert mgr.attachments() == []
+
+
+def test_named_device_and_several_connections(image: str) -> None:
+    mgr, kernel, opener, _ = make()
+    att = mgr.attach(VhdtabEntry("data", image, device_index=3, connections=3), from_vhdtab=False)
+    assert att.index == 3 and att.connections == 3
+    dev = kernel.devices[3]
+    assert len(dev.socks) == 3
+    dev.write(0, b"a" * 512, conn=2)
+    dev.flush(conn=1)
+    assert dev.read(0, 512, conn=0) == b"a" * 512
+    mgr.shutdown()
+    assert opener.images[0].closed and kernel.devices == {}
+
+
+def test_shutdown_flushes_every_attachment(tmp_path: Path) -> None:
+    mgr, kernel, opener, _ = make({0: "mounted on /a"})
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"d{i}.vhd"
+        p.write_bytes(b"conectix")
+        paths.append(str(p))
+        mgr.attach(VhdtabEntry(f"d{i}", str(p)), from_vhdtab=True)
+        kernel.devices[i].write(512 * i, b"z" * 512)
+    mgr.shutdown()  # busy devices too: the service is stopping
+    assert kernel.devices == {}
+    for p, img in zip(paths, opener.images):
+        assert img.closed
+        assert opener.events.index(f"flush {p}") < opener.events.index(f"close {p}")
