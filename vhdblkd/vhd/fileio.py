@@ -47,6 +47,17 @@ class ImageFile:
             got += len(more)
         return b"".join(parts)
 
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill `buf` from `offset`; returns the bytes read (fewer only at end of file)."""
+        got = 0
+        total = len(buf)
+        while got < total:
+            n = os.preadv(self._fd, [buf[got:]], offset + got)
+            if n <= 0:
+                break
+            got += n
+        return got
+
     def pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data)
         while view:

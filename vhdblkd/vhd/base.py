@@ -1,0 +1,184 @@
+"""VhdImage: what every image kind shares (attributes, info(), lifetime)."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+from types import TracebackType
+from typing import Any
+
+from vhdblkd.backend import Buffer, FuaMode
+from vhdblkd.errors import ReadOnlyImage
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.layout import Layout
+from vhdblkd.vhd.lock import ImageLock
+from vhdblkd.vhd.structs import DynamicHeader, Footer
+
+
+def vhd_timestamp_to_iso(timestamp: int) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp + c.VHD_EPOCH_OFFSET, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def vhd_mtime(unix_seconds: int) -> int:
+    """A Unix time as VHD timestamp (seconds since 2000-01-01 UTC), clamped to the field."""
+    return max(0, min(0xFFFFFFFF, unix_seconds - c.VHD_EPOCH_OFFSET))
+
+
+def _fourcc(raw: bytes) -> str:
+    return raw.decode("latin-1").rstrip("\0")
+
+
+class VhdImage:
+    """An open VHD image; satisfies vhdblkd.backend.Backend structurally."""
+
+    disk_type: str = ""
+
+    def __init__(self, path: str, file: ImageFile, layout: Layout, *, read_only: bool,
+                 lock: ImageLock | None) -> None:
+        assert layout.footer is not None
+        self.path = path
+        self._file = file
+        self._layout = layout
+        self.footer: Footer = layout.footer
+        self.header: DynamicHeader | None = layout.header
+        self.block_size: int | None = None
+        self.parent: VhdImage | None = None
+        self._size = layout.virtual_size
+        self._read_only = read_only
+        self._lock = lock
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # --- Backend capabilities -------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def can_flush(self) -> bool:
+        return True
+
+    @property
+    def can_fua(self) -> FuaMode:
+        return FuaMode.NATIVE
+
+    @property
+    def can_discard(self) -> bool:
+        return not self._read_only
+
+    @property
+    def can_multi_conn(self) -> bool:
+        # One file, one page cache: an fdatasync covers every connection's writes.
+        return True
+
+    def file_mtime(self) -> int:
+        """The image file's modification time, Unix seconds."""
+        return self._file.mtime()
+
+    @property
+    def allocated_blocks(self) -> int:
+        return 0
+
+    @property
+    def total_blocks(self) -> int:
+        return 0
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise ReadOnlyImage(f"{self.path}: the image is open read-only")
+
+    # --- description ----------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        f = self.footer
+        parent = self.parent
+        chain: list[str] = []
+        node = parent
+        while node is not None:
+            chain.append(node.path)
+            node = node.parent
+        return {
+            "path": self.path,
+            "type": self.disk_type,
+            "virtual_size": self.size,
+            "geometry": {"cylinders": f.cylinders, "heads": f.heads, "sectors_per_track": f.sectors_per_track},
+            "creator_app": _fourcc(f.creator_application),
+            "creator_version": f"{f.creator_version >> 16}.{f.creator_version & 0xFFFF}",
+            "creator_os": _fourcc(f.creator_host_os),
+            "unique_id": str(uuid.UUID(bytes=f.unique_id)),
+            "timestamp": vhd_timestamp_to_iso(f.timestamp),
+            "block_size": self.block_size,
+            "allocated_blocks": self.allocated_blocks,
+            "total_blocks": self.total_blocks,
+            "file_size": self._file.size(),
+            "footer_checksum_ok": self._layout.footer_checksum_ok,
+            "header_checksum_ok": self._layout.header_checksum_ok if self.header is not None else None,
+            "parent": None if parent is None else {
+                "path": parent.path, "unique_id": str(uuid.UUID(bytes=parent.footer.unique_id))},
+            "parent_chain": chain,
+        }
+
+    # --- I/O, provided by each kind ---------------------------------------------
+
+    def read(self, offset: int, length: int) -> Buffer:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    def discard(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    # --- lifetime -------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Drop kind-specific resources before the file closes."""
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if not self._read_only:
+                self.flush()
+                self._on_close_writable()
+        finally:
+            self._release()
+            self._file.close()
+            if self._lock is not None:
+                self._lock.release()
+            if self.parent is not None:
+                self.parent.close()
+
+    def _on_close_writable(self) -> None:
+        """Last chance to tidy the file while nothing else touches it."""
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> VhdImage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "ro" if self._read_only else "rw"
+        return f"<{type(self).__name__} {self.path!r} {self.size} bytes {mode}>"

@@ -1,0 +1,78 @@
+"""Fixed images: raw data followed by the footer.
+
+The hot path of the NBD server.  Reads are zero-copy memoryview slices of a
+read-only shared mapping; writes use pwrite, never the mapping, because a
+store into a mapping on a full file system is SIGBUS (it would kill the
+daemon) while pwrite reports ENOSPC.  Range checks are the caller's job.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from vhdblkd.backend import Buffer
+from vhdblkd.vhd.base import VhdImage
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.layout import Layout
+from vhdblkd.vhd.lock import ImageLock
+
+_ZERO_CHUNK = 1024 * 1024
+
+
+class FixedImage(VhdImage):
+    disk_type = "fixed"
+
+    def __init__(self, path: str, file: ImageFile, layout: Layout, *, read_only: bool,
+                 lock: ImageLock | None) -> None:
+        super().__init__(path, file, layout, read_only=read_only, lock=lock)
+        self._map: mmap.mmap | None = file.map_readonly(self._size)
+        self._view: memoryview | None = memoryview(self._map) if self._map is not None else None
+        self._pwrite = file.pwrite
+        self._zeros = bytes(min(_ZERO_CHUNK, max(self._size, 1)))
+
+    def read(self, offset: int, length: int) -> Buffer:
+        assert 0 <= offset and offset + length <= self._size
+        view = self._view
+        if view is not None:
+            return view[offset : offset + length]
+        data = self._file.pread(offset, length)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        assert 0 <= offset and offset + len(data) <= self._size
+        if self._read_only:
+            self._check_writable()
+        self._pwrite(offset, data)
+        if fua:
+            self._file.fdatasync()
+
+    def flush(self) -> None:
+        if not self._read_only:
+            self._file.fdatasync()
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write_zeroes(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        # A fixed disk keeps its space; zeroing is the only way to honour "reads as zeros".
+        self._check_writable()
+        zeros = self._zeros
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self._pwrite(offset, zeros[:n] if n < len(zeros) else zeros)
+            offset += n
+        if fua:
+            self._file.fdatasync()
+
+    def _release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                # A reply still holds a slice; the mapping goes when the last slice does.
+                pass
+            self._map = None

@@ -1,0 +1,107 @@
+"""open_image: the entry point of the format layer."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from vhdblkd.errors import ParentError, VhdError
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import parent as parent_mod
+from vhdblkd.vhd.base import VhdImage, vhd_mtime
+from vhdblkd.vhd.dynamic import DifferencingImage, DynamicImage
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.fixed import FixedImage
+from vhdblkd.vhd.layout import scan
+from vhdblkd.vhd.lock import ImageLock
+from vhdblkd.vhd.recovery import needs_repair, repair
+from vhdblkd.vhd.structs import DynamicHeader
+
+__all__ = ["VhdImage", "FixedImage", "DynamicImage", "DifferencingImage", "open_image"]
+
+FileFactory = Callable[[str, bool], ImageFile]
+# A chain longer than this is almost certainly a loop of locators.
+MAX_CHAIN_DEPTH = 64
+
+
+def open_image(path: str, *, read_only: bool = False, allow_unsafe_parent: bool = False,
+               lock: bool = True, file_factory: FileFactory = ImageFile) -> VhdImage:
+    """Open a VHD image (any type); a read-write open repairs what recovery may repair."""
+    return _open(path, read_only=read_only, allow_unsafe_parent=allow_unsafe_parent, lock=lock,
+                 file_factory=file_factory, depth=0)
+
+
+def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
+          file_factory: FileFactory, depth: int) -> VhdImage:
+    image_lock = ImageLock(path, exclusive=not read_only) if lock else None
+    f: ImageFile | None = None
+    try:
+        f = file_factory(path, not read_only)
+        lay = scan(f, path)
+        if lay.fatal is not None:
+            raise lay.fatal
+        if not read_only and needs_repair(lay):
+            lay = repair(f, lay)
+            if lay.fatal is not None:
+                raise lay.fatal
+        assert lay.footer is not None
+        image: VhdImage
+        if lay.footer.disk_type == c.DISK_TYPE_FIXED:
+            image = FixedImage(path, f, lay, read_only=read_only, lock=image_lock)
+        elif lay.footer.disk_type == c.DISK_TYPE_DYNAMIC:
+            image = DynamicImage(path, f, lay, read_only=read_only, lock=image_lock)
+        else:
+            assert lay.header is not None
+            parent = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
+                                  lock=lock, file_factory=file_factory, depth=depth)
+            try:
+                _vet_parent(path, lay.header.parent_unique_id, lay.header.parent_timestamp, parent,
+                            allow_unsafe_parent)
+                if parent.size < lay.virtual_size:
+                    raise ParentError(
+                        f"{path}: parent {parent.path} is {parent.size} bytes, smaller than the child's "
+                        f"{lay.virtual_size}; the chain is inconsistent")
+                image = DifferencingImage(path, f, lay, read_only=read_only, lock=image_lock, parent=parent)
+            except BaseException:
+                parent.close()
+                raise
+        return image
+    except BaseException:
+        if f is not None:
+            f.close()
+        if image_lock is not None:
+            image_lock.release()
+        raise
+
+
+def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsafe_parent: bool, lock: bool,
+                 file_factory: FileFactory, depth: int) -> VhdImage:
+    if depth >= MAX_CHAIN_DEPTH:
+        raise ParentError(f"{child}: the parent chain is more than {MAX_CHAIN_DEPTH} images deep (a loop?)")
+    parent_path = parent_mod.locate(f, header, child, allow_unsafe=allow_unsafe_parent)
+    try:
+        return _open(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe_parent, lock=lock,
+                     file_factory=file_factory, depth=depth + 1)
+    except ParentError:
+        raise
+    except VhdError as exc:
+        raise ParentError(f"{child}: cannot open parent {parent_path}: {exc}") from exc
+
+
+def _vet_parent(child: str, parent_uid: bytes, parent_timestamp: int, parent: VhdImage,
+                allow_unsafe_parent: bool) -> None:
+    if parent.footer.unique_id != parent_uid:
+        raise ParentError(
+            f"{child}: parent {parent.path} has unique id {uuid.UUID(bytes=parent.footer.unique_id)}, "
+            f"but the child expects {uuid.UUID(bytes=parent_uid)}: it is a different image; "
+            "find the right parent (writing through a wrong parent corrupts the child's view)")
+    if allow_unsafe_parent:
+        return
+    found = vhd_mtime(parent.file_mtime())
+    if parent_timestamp != found:
+        raise ParentError(
+            f"{child}: parent {parent.path} was modified after the child was created (dynamic header "
+            f"field parent_timestamp expected {parent_timestamp}, the parent's mtime gives {found}); "
+            "if the parent's content is unchanged, pass allow_unsafe_parent=True "
+            "(vhdblkctl: --allow-unsafe-parent)")
+

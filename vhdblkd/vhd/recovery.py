@@ -1,0 +1,80 @@
+"""Repairs done by a read-write open (and by check --repair).
+
+Every step keeps the file openable if it is interrupted:
+- leaked blocks in the middle (a crash inside flush can make a later block's
+  BAT sector durable but not an earlier one's): the last block is copied into
+  the first hole, fdatasync, its BAT entry repointed, fdatasync; the old copy
+  is then orphan space at the tail;
+- orphan space after the last referenced block (a torn allocation), a
+  damaged or 511-byte trailing footer: the footer is written right after the
+  data and the file truncated there;
+- a missing or stale footer copy at offset 0 is rewritten from the footer.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.layout import Layout, scan, sectors_to_bytes
+
+log = logging.getLogger(__name__)
+_ENTRY = struct.Struct(">I")
+
+
+def needs_repair(lay: Layout) -> bool:
+    if lay.fatal is not None or lay.footer is None:
+        return False
+    if lay.short_footer or not lay.trailing_footer_ok:
+        return True
+    if lay.footer.disk_type == c.DISK_TYPE_FIXED:
+        return False
+    return bool(lay.leaks) or lay.footer_offset != lay.data_end or lay.backup_footer is None \
+        or lay.backup_footer.pack() != lay.footer.pack()
+
+
+def repair(f: ImageFile, lay: Layout) -> Layout:
+    """Fix what a read-write open may fix; returns the rescanned layout."""
+    assert lay.fatal is None and lay.footer is not None
+    footer_bytes = lay.footer.pack()
+    if lay.footer.disk_type == c.DISK_TYPE_FIXED:
+        if lay.short_footer or not lay.trailing_footer_ok:
+            log.warning("%s: rewriting the footer at offset %d", lay.path, lay.footer_offset)
+            f.pwrite(lay.footer_offset, footer_bytes)
+            f.truncate(lay.footer_offset + c.FOOTER_SIZE)
+            f.fdatasync()
+        return scan(f, lay.path)
+    while lay.leaks:
+        lay = _relocate_last_block(f, lay)
+    if lay.short_footer or not lay.trailing_footer_ok or lay.footer_offset != lay.data_end:
+        log.warning("%s: truncating %d bytes of unreferenced space and rewriting the footer at %d",
+                    lay.path, max(0, lay.footer_offset - lay.data_end), lay.data_end)
+        f.pwrite(lay.data_end, footer_bytes)
+        f.truncate(lay.data_end + c.FOOTER_SIZE)
+        f.fdatasync()
+    if lay.backup_footer is None or lay.backup_footer.pack() != footer_bytes:
+        log.warning("%s: rewriting the footer copy at offset 0", lay.path)
+        f.pwrite(0, footer_bytes)
+        f.fdatasync()
+    return scan(f, lay.path)
+
+
+def _relocate_last_block(f: ImageFile, lay: Layout) -> Layout:
+    assert lay.bat is not None and lay.header is not None
+    hole_offset, _ = lay.leaks[0]
+    top_entry = max((e for e in lay.bat if e != c.BAT_UNUSED), default=c.BAT_UNUSED)
+    top_offset = sectors_to_bytes(top_entry)
+    if top_entry == c.BAT_UNUSED or top_offset <= hole_offset:
+        lay.leaks.clear()
+        return lay
+    block = lay.bat.index(top_entry)
+    log.warning("%s: moving block %d from offset %d into the leaked space at %d",
+                lay.path, block, top_offset, hole_offset)
+    data = f.pread(top_offset, lay.stride)
+    f.pwrite(hole_offset, data)
+    f.fdatasync()  # the copy is durable before anything points at it
+    f.pwrite(lay.header.table_offset + c.BAT_ENTRY_SIZE * block, _ENTRY.pack(hole_offset // c.SECTOR_SIZE))
+    f.fdatasync()  # the old copy is now orphan space at the tail
+    return scan(f, lay.path)
