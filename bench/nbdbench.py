@@ -225,9 +225,12 @@ def fio_fill(sock: Path, bs: int, skip: int, offset: int = 0) -> None:
          "--output-format=terse"])
 
 
-def rss_kib(pid: int) -> int:
-    """Resident set of a process and all its descendants, in KiB."""
-    total = 0
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of a process and all its descendants, in KiB.
+
+    RssFile counts pages of mapped files (an mmap of the image), which the
+    kernel can drop; RssAnon is the heap that must not grow with the image."""
+    total = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     pids = [pid]
     while pids:
         p = pids.pop()
@@ -237,8 +240,9 @@ def rss_kib(pid: int) -> int:
         except FileNotFoundError:
             continue
         for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
+            key, _, value = line.partition(":")
+            if key in total:
+                total[key] += int(value.split()[0])
         pids += [int(c) for c in children]
     return total
 
@@ -288,7 +292,7 @@ def make_chain(cfg: Config) -> Path:
     first 64 KiB of base's blocks (partial sector bitmaps), so a random read
     resolves in each of the three files.
     """
-    from vhdblkd.vhd import create_differencing  # the bench runs in the project venv
+    from vhdblkd.vhd.create import create_differencing  # the bench runs in the project venv
 
     base, mid, top = (cfg.workdir / f"chain-{n}.vhd" for n in ("base", "mid", "top"))
     qemu_img_create(base, "dynamic", cfg.fixed_size)
@@ -297,7 +301,7 @@ def make_chain(cfg: Config) -> Path:
     for child, parent in ((mid, base), (top, mid)):
         with contextlib.suppress(FileNotFoundError):
             child.unlink()
-        create_differencing(child, parent)
+        create_differencing(str(child), str(parent))
     with serving(cfg, "vhdblkd", mid) as (sock, _):
         fio_fill(sock, VHD_BLOCK, 3 * VHD_BLOCK, offset=VHD_BLOCK)
     with serving(cfg, "vhdblkd", top) as (sock, _):
@@ -412,6 +416,7 @@ def section_read(cfg: Config, rows: dict[str, Row]) -> None:
         log(f"read: no differencing chain ({exc}); differencing rows skipped")
     for job in READ_JOBS:
         rows[f"dyn/{job.key}"] = Row("read", f"dyn/{job.key}", f"half-alloc dynamic {job.label}")
+    for job in READ_JOBS:
         rows[f"diff/{job.key}"] = Row(
             "read", f"diff/{job.key}", f"2-level diff chain {job.label}",
             note="qemu-nbd opens a differencing VHD as dynamic (parent reads as zeros)")
@@ -443,7 +448,7 @@ def section_memory(cfg: Config, results: dict[str, object]) -> None:
             fio(cfg, Job("touch", "", "randread", "4k", 1), nbd_target(sock), ramp=False, io_size=64 * 1024)
             time.sleep(0.5)
             mem[f"idle_kib_{name}"] = rss_kib(pid)
-            log(f"memory: idle RSS on {image.name}: {mem[f'idle_kib_{name}']} KiB")
+            log(f"memory: idle on {image.name}: {mem[f'idle_kib_{name}']} KiB")
             if name == "big":
                 # spread the writes over the whole image unless the disk could
                 # not hold a fully-allocated result
@@ -458,8 +463,7 @@ def section_memory(cfg: Config, results: dict[str, object]) -> None:
                 time.sleep(0.5)
                 mem["after_write_kib"] = rss_kib(pid)
                 mem["write_span_bytes"] = span
-                log(f"memory: RSS after {cfg.mem_write // MiB} MiB of random 4k writes: "
-                    f"{mem['after_write_kib']} KiB")
+                log(f"memory: after {cfg.mem_write // MiB} MiB of random 4k writes: {mem['after_write_kib']} KiB")
     mem.update(small_image_bytes=cfg.fixed_size, big_image_bytes=cfg.mem_size, written_bytes=cfg.mem_write)
     results["memory"] = mem
     for f in (small, big):
@@ -573,11 +577,15 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
     if isinstance(mem, dict):
         out += ["", "Memory (RSS of `vhdblkd export`):" if md else "memory (RSS of vhdblkd export):"]
         b = "- " if md else "  "
-        out.append(f"{b}idle, {mem['small_image_bytes'] // GiB or 1} GiB dynamic image: {mem['idle_kib_small'] / 1024:.1f} MiB")
-        out.append(f"{b}idle, {mem['big_image_bytes'] // GiB} GiB dynamic image: {mem['idle_kib_big'] / 1024:.1f} MiB")
-        out.append(f"{b}after {mem['written_bytes'] // MiB} MiB of random 4k writes QD16 over "
-                   f"{mem['write_span_bytes'] // GiB} GiB of it ({mem['write_seconds']} s): "
-                   f"{mem['after_write_kib'] / 1024:.1f} MiB")
+
+        def mib(kib: dict[str, int]) -> str:
+            return f"{kib['VmRSS'] / 1024:.1f} MiB (anon {kib['RssAnon'] / 1024:.1f}, file {kib['RssFile'] / 1024:.1f})"
+
+        out.append(f"{b}idle, {mem['small_image_bytes'] / GiB:g} GiB dynamic image: {mib(mem['idle_kib_small'])}")
+        out.append(f"{b}idle, {mem['big_image_bytes'] / GiB:g} GiB dynamic image: {mib(mem['idle_kib_big'])}")
+        out.append(f"{b}after {mem['written_bytes'] // MiB} MiB of random 4k writes QD16 spread over "
+                   f"{mem['write_span_bytes'] / GiB:g} GiB of it ({mem['write_seconds']} s): "
+                   f"{mib(mem['after_write_kib'])}")
     kern = results.get("kernel")
     if isinstance(kern, dict):
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
