@@ -8,6 +8,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vhdblkd.backend import MemoryBackend
@@ -166,3 +167,66 @@ class FakeOpener:
         image = FakeImage(path, self.size, read_only, self.events, self.locks)
         self.images.append(image)
         return image
+
+
+@dataclass
+class ServiceRig:
+    """A Service wired to fakes, with its files under one temporary directory."""
+
+    root: Path
+    kernel: FakeKernel
+    opener: FakeOpener
+    busy: dict[int, str]
+    service: Any  # vhdblkd.daemon.service.Service
+
+    @property
+    def config(self) -> Path:
+        return self.root / "vhdtab"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "run" / "control.sock"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "run" / "state.json"
+
+    def image(self, name: str, content: bytes = b"conectix") -> str:
+        p = self.root / "images" / name
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(content)
+        return str(p)
+
+
+def make_rig(root: Path, notify_env: dict[str, str] | None = None) -> ServiceRig:
+    from vhdblkd.daemon.attachments import AttachmentManager
+    from vhdblkd.daemon.notify import Notifier
+    from vhdblkd.daemon.service import Service
+
+    kernel = FakeKernel()
+    opener = FakeOpener()
+    busy: dict[int, str] = {}
+
+    def manager(k: Any, on_change: Any) -> AttachmentManager:
+        return AttachmentManager(k, opener=opener, busy=busy.get, sync=lambda i: None, on_change=on_change, drain_seconds=5)
+
+    service = Service(
+        config=root / "vhdtab",
+        control=root / "run" / "control.sock",
+        state_dir=root / "run",
+        kernel=kernel,
+        notifier=Notifier(notify_env or {}),
+        make_manager=manager,
+    )
+    return ServiceRig(root, kernel, opener, busy, service)
+
+
+def eventually(check: Any, attempts: int = 400) -> None:
+    """Retry `check` (an assertion) a bounded number of times: counters are bumped after the reply is sent."""
+    for _ in range(attempts - 1):
+        try:
+            check()
+            return
+        except AssertionError:
+            threading.Event().wait(0.01)
+    check()

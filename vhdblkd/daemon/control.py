@@ -144,6 +144,7 @@ class ControlServer:
             if refusal is not None:
                 log.warning("refused a control client: %s", refusal)
                 client.sendall(encode(error_reply(refusal)))
+                _drain(client)
                 return
             self._request_loop(client)
         except TimeoutError:
@@ -163,6 +164,7 @@ class ControlServer:
                 lines = decoder.feed(data)
             except ProtocolViolation as exc:
                 client.sendall(encode(error_reply(str(exc))))
+                _drain(client)
                 return
             for line in lines:
                 client.sendall(encode(self._dispatch(line)))
@@ -178,3 +180,21 @@ class ControlServer:
         except Exception as exc:  # a bug: keep the daemon up, log it, tell the client
             log.exception("control request failed: %s", line[:200])
             return error_reply(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _drain(client: socket.socket, limit: int = 1 << 20) -> None:
+    """Half-close and read what the client still sends (bounded), so it reads our error reply.
+
+    Closing a Unix socket with unread input resets the peer, which would then
+    lose the reply it has not read yet.
+    """
+    try:
+        client.shutdown(socket.SHUT_WR)
+        client.settimeout(1.0)
+        while limit > 0:
+            data = client.recv(65536)
+            if not data:
+                return
+            limit -= len(data)
+    except OSError:
+        return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Mapping
 
 import sdnotify
@@ -18,10 +19,15 @@ log = logging.getLogger(__name__)
 
 class Notifier:
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self._enabled = bool(environ.get("NOTIFY_SOCKET"))
-        # sdnotify reads $NOTIFY_SOCKET itself; debug=False keeps a vanished
-        # socket from taking the daemon down.
-        self._notifier = sdnotify.SystemdNotifier() if self._enabled else None
+        address = environ.get("NOTIFY_SOCKET", "")
+        self._enabled = bool(address)
+        self._notifier: sdnotify.SystemdNotifier | None = None
+        if address:
+            # sdnotify would read os.environ; the address comes from the
+            # mapping we were given, so connect here and let sdnotify send.
+            # Its debug=False keeps a vanished socket from taking the daemon down.
+            self._notifier = sdnotify.SystemdNotifier()
+            self._notifier.socket = _connect(address)
         self._watchdog_seconds = watchdog_interval(environ)
 
     @property
@@ -56,6 +62,17 @@ class Notifier:
 
     def mainpid(self, pid: int) -> None:
         self.send(f"MAINPID={pid}")
+
+
+def _connect(address: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    except OSError as exc:
+        log.warning("cannot reach the service manager at NOTIFY_SOCKET=%s: %s", address, exc)
+        sock.close()
+        return None
+    return sock
 
 
 def _status(text: str) -> str:

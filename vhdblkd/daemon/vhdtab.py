@@ -47,8 +47,8 @@ class VhdtabEntry:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if not self.image or any(c.isspace() for c in self.image):
-            raise ConfigError(f"image path {self.image!r} must be non-empty and contain no whitespace")
+        if not self.image or "\n" in self.image or "\0" in self.image:
+            raise ConfigError(f"image path {self.image!r} must be non-empty, with no newline or NUL")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ConfigError(f"connections={self.connections}: expected 1..{MAX_CONNECTIONS}")
         if self.timeout_seconds < 0 or self.dead_conn_timeout_seconds < 0:
@@ -88,7 +88,7 @@ class VhdtabEntry:
             opts.append(f"block_size={self.block_size}")
         if self.allow_unsafe_parent:
             opts.append("allow_unsafe_parent")
-        fields = [self.name, self.image]
+        fields = [self.name, escape_field(self.image)]
         if opts:
             fields.append(",".join(opts))
         return " ".join(fields)
@@ -100,6 +100,15 @@ class Vhdtab:
 
     entries: tuple[VhdtabEntry, ...]
     errors: tuple[ConfigError, ...]
+
+
+def escape_field(text: str) -> str:
+    """As fstab does: whitespace and backslash become octal escapes (a space is \\040)."""
+    return "".join(f"\\{ord(c):03o}" if c.isspace() or c == "\\" else c for c in text)
+
+
+def unescape_field(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 def check_name(name: str) -> None:
@@ -172,7 +181,7 @@ def parse_line(line: str) -> VhdtabEntry | None:
     if len(fields) > 3:
         raise ConfigError(f"expected `NAME IMAGE [OPTIONS]` (options comma-separated, no spaces), found {len(fields)} fields")
     kwargs = parse_options(fields[2]) if len(fields) == 3 else {}
-    return VhdtabEntry(fields[0], fields[1], **kwargs)  # type: ignore[arg-type]  # values typed by parse_options' table
+    return VhdtabEntry(fields[0], unescape_field(fields[1]), **kwargs)  # type: ignore[arg-type]  # values typed by parse_options' table
 
 
 def parse_vhdtab(text: str, source: str = "vhdtab") -> Vhdtab:
