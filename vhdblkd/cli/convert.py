@@ -139,8 +139,8 @@ class RawSource:
 class VhdSource:
     """A VHD of any type; a differencing image reads through its whole chain."""
 
-    def __init__(self, path: Path) -> None:
-        self.image = vhd_image.open_image(str(path), read_only=True)
+    def __init__(self, path: Path, *, allow_unsafe_parent: bool = False) -> None:
+        self.image = vhd_image.open_image(str(path), read_only=True, allow_unsafe_parent=allow_unsafe_parent)
 
     @property
     def size(self) -> int:
@@ -202,7 +202,7 @@ def allocated_block_indexes(image: vhd_image.VhdImage) -> list[int]:
     return [block_index for block_index, entry in enumerate(layout.bat) if entry != BAT_UNUSED]
 
 
-def open_source(path: Path) -> Source:
+def open_source(path: Path, *, allow_unsafe_parent: bool = False) -> Source:
     try:
         is_vhd = looks_like_vhd(path)
     except OSError as exc:
@@ -213,7 +213,7 @@ def open_source(path: Path) -> Source:
         except OSError as exc:
             raise SourceUnreadable(f"{path}: cannot open the source: {exc.strerror}") from exc
     try:
-        return VhdSource(path)
+        return VhdSource(path, allow_unsafe_parent=allow_unsafe_parent)
     except VhdblkError as exc:
         raise SourceUnreadable(f"cannot open the source VHD: {exc}") from exc
     except OSError as exc:
@@ -287,6 +287,7 @@ def convert(
     target: Target | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: ProgressCallback | None = None,
+    allow_unsafe_parent: bool = False,
 ) -> ConvertResult:
     """Copy `src` into a new file `dst` of format `target` (default from dst's extension)."""
     if target is None:
@@ -295,7 +296,7 @@ def convert(
         raise ConvertError(f"{dst}: already exists; remove it or choose another destination")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst}: the folder {dst.parent} does not exist; create it first")
-    source = open_source(src)
+    source = open_source(src, allow_unsafe_parent=allow_unsafe_parent)
     try:
         source_format = source.image.disk_type if isinstance(source, VhdSource) else "raw"
         size = source.size
