@@ -21,10 +21,13 @@ of the file.  Rather than ordering BAT writes with extra syncs, recovery on
 the next read-write open relocates tail blocks into such holes (copy,
 fdatasync, repoint the BAT entry, fdatasync) and truncates; see recovery.py.
 
-Discarding a whole allocated block of a dynamic disk clears its bitmap
-instead of freeing it (the data stays, unreadable), so no freed slot is ever
-left in the middle of the file for check to call a leak; trailing blocks
-left empty are freed and the file truncated at close().
+Discard never frees a block in the middle of the file (check would rightly
+call the freed slot a leak, and reusing it would need its own crash-safe
+protocol).  On a dynamic disk the discarded range is punched out of the
+data (QEMU ignores bitmaps, so the data itself must read as zeros); on a
+differencing disk it is zeroed and its bits set, so the parent never shows
+through.  Wholly discarded blocks that end the file are freed and the file
+truncated at close().
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class DynamicImage(VhdImage):
         self._bitmaps: dict[int, bytearray | None] = {}
         self._dirty_bat: set[int] = set()
         self._dirty_bitmaps: set[int] = set()
+        self._trimmed: set[int] = set()  # wholly discarded blocks of a dynamic disk
         self._end = layout.data_end  # where the trailing footer sits (after recovery)
         self._meta = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -182,6 +186,8 @@ class DynamicImage(VhdImage):
                 entry = self._allocate(block)
             bm = self._bitmap(block, entry)
             base = sectors_to_bytes(entry) + self._bms
+            if self._trimmed:
+                self._trimmed.discard(block)
             if bm is None:
                 self._pwrite(base + in_block, chunk)
                 return
@@ -259,28 +265,35 @@ class DynamicImage(VhdImage):
 
     def _zero_in_block(self, block: int, in_block: int, voff: int, n: int, may_trim: bool) -> None:
         entry = self._bat[block]
-        if entry == _UNUSED and self.parent is None:
-            return  # reads as zeros already
-        first = (in_block + 511) >> 9  # whole sectors inside the range
-        end = (in_block + n) >> 9
-        if self.parent is None and may_trim and first < end:
-            with self._meta:
-                bm = self._bitmap(block, entry)
-                cleared = bytearray(self._full_bitmap) if bm is None else bm
-                bits.set_range(cleared, first, end, False)
-                self._bitmaps[block] = cleared
-                self._dirty_bitmaps.add(block)
-            self._zero_bytes(block, in_block, voff, (first << 9) - in_block)
-            self._zero_bytes(block, end << 9, voff + (end << 9) - in_block, in_block + n - (end << 9))
+        whole = n == self._bs
+        if self.parent is None:
+            if entry == _UNUSED:
+                return  # reads as zeros already
+            if not may_trim:
+                self._zero_bytes(block, in_block, voff, n)
+                return
+            # QEMU ignores the bitmaps of dynamic disks, so the data itself must become zeros;
+            # a punched hole does that and gives the space back.  The bitmap is left alone.
+            self._file.punch_hole(sectors_to_bytes(entry) + self._bms + in_block, n)
+            if whole:
+                with self._meta:
+                    # Remember the empty block (close() frees it if it ends the file) and keep its
+                    # writes on the locked path, which forgets it again.
+                    self._trimmed.add(block)
+                    if self._bitmaps.get(block, _NOT_LOADED) is None:
+                        self._bitmaps[block] = bytearray(self._full_bitmap)
             return
-        if self.parent is not None and entry == _UNUSED and n == self._bs:
+        if whole:
             with self._meta:
-                if self._bat[block] == _UNUSED:
+                entry = self._bat[block]
+                if entry == _UNUSED:
                     # A fresh block's data area reads as zeros: setting every bit is enough.
                     self._allocate(block)
-                    self._bitmaps[block] = None
-                    self._dirty_bitmaps.add(block)
-                    return
+                else:
+                    self._file.punch_hole(sectors_to_bytes(entry) + self._bms, self._bs)
+                self._bitmaps[block] = None
+                self._dirty_bitmaps.add(block)
+            return
         self._zero_bytes(block, in_block, voff, n)
 
     def _zero_bytes(self, block: int, in_block: int, voff: int, n: int) -> None:
@@ -342,8 +355,9 @@ class DynamicImage(VhdImage):
                 except ValueError:
                     break
                 bm = self._bitmap(block, entry)
-                if bm is None or not bits.none_set(bm, self._spb):
+                if block not in self._trimmed and (bm is None or not bits.none_set(bm, self._spb)):
                     break
+                self._trimmed.discard(block)
                 self._bat[block] = _UNUSED
                 self._dirty_bat.add(block // _ENTRIES_PER_SECTOR)
                 self._dirty_bitmaps.discard(block)

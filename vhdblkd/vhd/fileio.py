@@ -8,14 +8,33 @@ callers decide whether that is corruption.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vhdblkd.errors import DiskFull
 
 Buffer = bytes | bytearray | memoryview
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1024 * 1024
+
+
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """fallocate(2) from libc (os has only posix_fallocate, which cannot punch holes)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return func
 
 
 class ImageFile:
@@ -87,6 +106,22 @@ class ImageFile:
                 raise DiskFull(f"{self.path}: no space left to reserve {length} bytes at offset {offset}") from exc
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, freeing its space where the file system can."""
+        func = _libc_fallocate()
+        if func is not None and length > 0:
+            if func(self._fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, length) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, f"{self.path}: fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
+        zeros = bytes(min(length, _ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.pwrite(offset, zeros if n == len(zeros) else zeros[:n])
+            offset += n
 
     def fdatasync(self) -> None:
         os.fdatasync(self._fd)

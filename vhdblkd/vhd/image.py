@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 
@@ -55,7 +56,7 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
             parent = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
                                   lock=lock, file_factory=file_factory, depth=depth)
             try:
-                _vet_parent(path, lay.header.parent_unique_id, lay.header.parent_timestamp, parent,
+                vet_parent(path, lay.header.parent_unique_id, lay.header.parent_timestamp, parent,
                             allow_unsafe_parent)
                 if parent.size < lay.virtual_size:
                     raise ParentError(
@@ -78,7 +79,8 @@ def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsaf
                  file_factory: FileFactory, depth: int) -> VhdImage:
     if depth >= MAX_CHAIN_DEPTH:
         raise ParentError(f"{child}: the parent chain is more than {MAX_CHAIN_DEPTH} images deep (a loop?)")
-    parent_path = parent_mod.locate(f, header, child, allow_unsafe=allow_unsafe_parent)
+    exists = getattr(file_factory, "exists", os.path.isfile)
+    parent_path = parent_mod.locate(f, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
     try:
         return _open(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe_parent, lock=lock,
                      file_factory=file_factory, depth=depth + 1)
@@ -88,7 +90,7 @@ def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsaf
         raise ParentError(f"{child}: cannot open parent {parent_path}: {exc}") from exc
 
 
-def _vet_parent(child: str, parent_uid: bytes, parent_timestamp: int, parent: VhdImage,
+def vet_parent(child: str, parent_uid: bytes, parent_timestamp: int, parent: VhdImage,
                 allow_unsafe_parent: bool) -> None:
     if parent.footer.unique_id != parent_uid:
         raise ParentError(

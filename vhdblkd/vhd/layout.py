@@ -215,7 +215,12 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:
         return
     toff = header.table_offset
     bat_bytes = needed * c.BAT_ENTRY_SIZE
-    if toff < c.SECTOR_SIZE or toff % c.SECTOR_SIZE or toff + bat_bytes > lay.footer_offset:
+    if toff % c.SECTOR_SIZE:
+        lay.fail("bat-misaligned", CorruptImage(
+            f"{path}: dynamic header field table_offset expected a multiple of 512, found {toff}; "
+            f"{DAMAGED_HINT}"), hoff + 16)
+        return
+    if toff < c.SECTOR_SIZE or toff + bat_bytes > lay.footer_offset:
         lay.fail("bat-offset", CorruptImage(
             f"{path}: dynamic header field table_offset {toff} with {needed} entries does not fit "
             f"in the file (footer at {lay.footer_offset}); {DAMAGED_HINT}"), hoff + 16)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 from vhdblkd.errors import ParentError
 from vhdblkd.vhd import constants as c
@@ -69,14 +70,15 @@ def is_within(path: str, directory: str) -> bool:
     return real == root or real.startswith(root.rstrip("/") + "/")
 
 
-def locate(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool) -> str:
+def locate(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool,
+           exists: Callable[[str], bool] = os.path.isfile) -> str:
     """The parent's path, or ParentError saying what was tried and what to do."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     tried: list[str] = []
     unsafe: list[str] = []
     for what, path in candidates(f, header, child_path):
         norm = os.path.normpath(path)
-        if not os.path.isfile(norm):
+        if not exists(norm):
             tried.append(f"{what} {norm}")
             continue
         if not allow_unsafe and not is_within(norm, child_dir):
