@@ -9,6 +9,7 @@ model instead.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
 from vhdblkd.vhd.image import open_image
 
@@ -39,6 +41,15 @@ def qemu_virtual_size(path: Path) -> int:
     out = run("qemu-img", "info", "-f", "vpc", "--output=json", path).stdout
     size: int = json.loads(out)["virtual-size"]
     return size
+
+
+def raw_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset, length in raw_data_extents(path):
+            f.seek(offset)
+            digest.update(offset.to_bytes(8, "big") + f.read(length))
+    return digest.hexdigest()
 
 
 def raw_data_extents(path: Path) -> Iterator[tuple[int, int]]:
@@ -125,6 +136,10 @@ def test_qemu_images_read_identically(tmp_path: Path, subformat: str, size: str,
     with open_image(str(image), read_only=True) as opened:
         assert opened.disk_type == subformat
         assert opened.size == virtual_size
+    before = raw_digest(image)
+    report = check_image(str(image))
+    assert report.clean, report.problems
+    assert raw_digest(image) == before
 
 
 # --- our images, read by QEMU --------------------------------------------------
