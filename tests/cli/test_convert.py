@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vhdblkd.cli import convert as cv
 from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
@@ -246,3 +248,29 @@ def test_aligned_extents_merge_and_clip() -> None:
     merged = list(cv._aligned_extents(iter([(10, 5), (100, 10), (5000, 1)]), 1024, 4500))
     assert merged == [(0, 1024), (4096, 404)]
     assert list(cv._aligned_extents(iter([]), 1024, 4096)) == []
+
+
+@settings(max_examples=25)
+@given(
+    st.integers(min_value=1, max_value=4 * MIB),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=4 * MIB), st.binary(min_size=1, max_size=3000)), max_size=6),
+    st.sampled_from([cv.Target.FIXED, cv.Target.DYNAMIC]),
+)
+def test_raw_vhd_raw_round_trip(size: int, pieces: list[tuple[int, bytes]], target: cv.Target) -> None:
+    """raw -> VHD -> raw gives the same bytes, padded with zeros to a whole sector."""
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        content = bytearray(size)
+        for offset, data in pieces:
+            data = data[: max(0, size - offset)]
+            content[offset : offset + len(data)] = data
+        src = tmp / "src.img"
+        src.write_bytes(content)
+        cv.convert(src, tmp / "mid.vhd", target=target, block_size=512 * 1024)
+        cv.convert(tmp / "mid.vhd", tmp / "back.img")
+        padded = -(-size // 512) * 512
+        assert (tmp / "back.img").read_bytes() == bytes(content) + bytes(padded - size)
+        if target is cv.Target.DYNAMIC:
+            with open_image(str(tmp / "mid.vhd"), read_only=True) as image:
+                blocks = {i // (512 * 1024) for i in range(0, size, 512) if any(content[i : i + 512])}
+                assert image.allocated_blocks == len(blocks)
