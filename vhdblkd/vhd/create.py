@@ -145,12 +145,13 @@ def _utf16le_locator(text: str) -> bytes:
 
 
 def create_differencing(path: str, parent_path: str, *, block_size: int | None = None,
-                        relative: bool = True, file_factory: FileFactory = ImageFile) -> None:
+                        relative: bool = True, lock: bool = True, file_factory: FileFactory = ImageFile) -> None:
     """Create an empty child of `parent_path` (opened read-only to read its identity)."""
     from vhdblkd.vhd.image import open_image  # here: image imports create's users, not create
 
     parent_abs = os.path.abspath(parent_path)
-    with open_image(parent_abs, read_only=True, allow_unsafe_parent=True, file_factory=file_factory) as parent:
+    with open_image(parent_abs, read_only=True, allow_unsafe_parent=True, lock=lock,
+                    file_factory=file_factory) as parent:
         pfooter = parent.footer
         psize = parent.size
         pblock = parent.block_size

@@ -280,7 +280,7 @@ class DynamicImage(VhdImage):
                     # Remember the empty block (close() frees it if it ends the file) and keep its
                     # writes on the locked path, which forgets it again.
                     self._trimmed.add(block)
-                    if self._bitmaps.get(block, _NOT_LOADED) is None:
+                    if self._bitmap(block, entry) is None:
                         self._bitmaps[block] = bytearray(self._full_bitmap)
             return
         if whole:
