@@ -238,7 +238,11 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:
     # as metadata when it fits, so its padding is never mistaken for orphan space.
     table_bytes = header.max_table_entries * c.BAT_ENTRY_SIZE
     if toff + table_bytes > lay.footer_offset:
-        table_bytes = bat_bytes
+        lay.fail("bat-size", CorruptImage(
+            f"{path}: dynamic header field max_table_entries {header.max_table_entries} makes the BAT at "
+            f"{toff} ({table_bytes} bytes) larger than the file allows (footer at {lay.footer_offset}); "
+            f"{DAMAGED_HINT}"), hoff + 28)
+        return
     meta = [(0, c.SECTOR_SIZE, "footer copy"), (hoff, DynamicHeader.SIZE, "dynamic header"),
             (toff, round_up_sector(table_bytes), "BAT")]
     if footer.disk_type == c.DISK_TYPE_DIFFERENCING:
