@@ -51,11 +51,18 @@ class FixedImage(VhdImage):
             self._file.fdatasync()
 
     def discard(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length)
+        self.write_zeroes(offset, length, may_trim=True)
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
-        # A fixed disk keeps its space; zeroing is the only way to honour "reads as zeros".
+        assert 0 <= offset and offset + length <= self._size
         self._check_writable()
+        if may_trim:
+            # Like a raw file under QEMU: punching gives the space back and reads as zeros.
+            self._file.punch_hole(offset, length)
+            if fua:
+                self._file.fdatasync()
+            return
+        # NBD's NO_HOLE: the range must stay allocated, so write real zeros.
         zeros = self._zeros
         end = offset + length
         while offset < end:
