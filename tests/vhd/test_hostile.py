@@ -261,3 +261,35 @@ def test_reads_never_leave_the_file(tmp_path: Path) -> None:
     with open_image(str(path), read_only=True) as image:
         data = bytes(image.read(0, SIZE))
     assert data[100:105] == b"data0" and len(data) == SIZE
+
+
+def test_blocks_referenced_past_the_disk_end_are_not_free_space(tmp_path: Path) -> None:
+    """A longer table than the size needs: its extra entries still own their blocks."""
+    path = make_dynamic(tmp_path, blocks_written=0)
+    raw = bytearray(path.read_bytes())
+    header = DynamicHeader.unpack(raw, HEADER_AT)
+    # Room for 128 entries exists (the table is padded to a sector); claim 128 and use entry 100.
+    stride = 512 + BS
+    end = len(raw) - 512
+    path.write_bytes(bytes(raw[:end]) + b"\xff" * 512 + b"\x5a" * BS + bytes(raw[-512:]))
+    patch_header(path, max_table_entries=128)
+    set_bat_entry(path, 100, end // 512)
+    assert header.max_table_entries == 64
+    report = check_image(str(path))
+    assert report.clean, report.problems
+    size = path.stat().st_size
+    with open_image(str(path)) as image:
+        assert image.total_blocks == 64 and image.allocated_blocks == 1
+        assert bytes(image.read(0, SIZE)) == bytes(SIZE)
+    assert path.stat().st_size == size == end + stride + 512
+
+
+def test_dynamic_511_byte_footer_is_fixed_on_rw_open(tmp_path: Path) -> None:
+    path = make_dynamic(tmp_path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1])
+    with open_image(str(path), read_only=True) as image:
+        assert bytes(image.read(100, 5)) == b"data0"
+    with open_image(str(path)) as image:
+        assert bytes(image.read(100, 5)) == b"data0"
+    assert path.read_bytes() == raw

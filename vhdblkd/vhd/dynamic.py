@@ -73,6 +73,7 @@ class DynamicImage(VhdImage):
         self._end = layout.data_end  # where the trailing footer sits (after recovery)
         self._meta = threading.RLock()
         self._flush_lock = threading.Lock()
+        self._total_blocks = layout.total_blocks
         self._allocated = len(self._bat) - self._bat.count(_UNUSED)
         self._footer_bytes = self.footer.pack()
         self._full_bitmap = b"\xff" * self._bms
@@ -85,7 +86,7 @@ class DynamicImage(VhdImage):
 
     @property
     def total_blocks(self) -> int:
-        return len(self._bat)
+        return self._total_blocks
 
     # --- reads ----------------------------------------------------------------
 

@@ -60,7 +60,8 @@ class Layout:
     header: DynamicHeader | None = None
     header_checksum_ok: bool = False
     virtual_size: int = 0
-    bat: array[int] | None = None  # host-order entries, only the ones the size needs
+    bat: array[int] | None = None  # host-order entries, all max_table_entries of them
+    total_blocks: int = 0  # the entries the virtual size needs
     block_size: int = 0
     bitmap_size: int = 0
     metadata: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
@@ -214,35 +215,35 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:
             f"{DAMAGED_HINT}"), hoff + 28)
         return
     toff = header.table_offset
-    bat_bytes = needed * c.BAT_ENTRY_SIZE
+    # The whole table is loaded and validated, even entries past the disk's end that the
+    # size does not need: a block they reference is still not free space.
+    table_bytes = header.max_table_entries * c.BAT_ENTRY_SIZE
     if toff % c.SECTOR_SIZE:
         lay.fail("bat-misaligned", CorruptImage(
             f"{path}: dynamic header field table_offset expected a multiple of 512, found {toff}; "
             f"{DAMAGED_HINT}"), hoff + 16)
         return
-    if toff < c.SECTOR_SIZE or toff + bat_bytes > lay.footer_offset:
+    if toff < c.SECTOR_SIZE or toff + needed * c.BAT_ENTRY_SIZE > lay.footer_offset:
         lay.fail("bat-offset", CorruptImage(
             f"{path}: dynamic header field table_offset {toff} with {needed} entries does not fit "
             f"in the file (footer at {lay.footer_offset}); {DAMAGED_HINT}"), hoff + 16)
         return
-    if toff < hoff + DynamicHeader.SIZE and hoff < toff + bat_bytes:
-        lay.fail("bat-offset", CorruptImage(
-            f"{path}: the BAT at {toff} overlaps the dynamic header at {hoff}; {DAMAGED_HINT}"), hoff + 16)
-        return
-    bat = array("I")
-    bat.frombytes(f.pread(toff, bat_bytes))
-    if sys.byteorder == "little":
-        bat.byteswap()
-    lay.bat = bat
-    # The table on disk may be longer than the size needs (max_table_entries); count all of it
-    # as metadata when it fits, so its padding is never mistaken for orphan space.
-    table_bytes = header.max_table_entries * c.BAT_ENTRY_SIZE
     if toff + table_bytes > lay.footer_offset:
         lay.fail("bat-size", CorruptImage(
             f"{path}: dynamic header field max_table_entries {header.max_table_entries} makes the BAT at "
             f"{toff} ({table_bytes} bytes) larger than the file allows (footer at {lay.footer_offset}); "
             f"{DAMAGED_HINT}"), hoff + 28)
         return
+    if toff < hoff + DynamicHeader.SIZE and hoff < toff + table_bytes:
+        lay.fail("bat-offset", CorruptImage(
+            f"{path}: the BAT at {toff} overlaps the dynamic header at {hoff}; {DAMAGED_HINT}"), hoff + 16)
+        return
+    bat = array("I")
+    bat.frombytes(f.pread(toff, table_bytes))
+    if sys.byteorder == "little":
+        bat.byteswap()
+    lay.bat = bat
+    lay.total_blocks = needed
     meta = [(0, c.SECTOR_SIZE, "footer copy"), (hoff, DynamicHeader.SIZE, "dynamic header"),
             (toff, round_up_sector(table_bytes), "BAT")]
     if footer.disk_type == c.DISK_TYPE_DIFFERENCING:

@@ -41,7 +41,8 @@ def _holders(dev: int, ino: int) -> list[tuple[int, str]]:
             pid = int(pid_field)
         except ValueError:
             continue
-        found.append((pid, _cmdline(pid)))
+        if all(pid != seen for seen, _ in found):
+            found.append((pid, _cmdline(pid)))
     return found
 
 
