@@ -291,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="vhdblkd: %(levelname)s: %(message)s" if sys.stderr.isatty() else "%(levelname)s: %(message)s",
     )
+    # The netlink library's own debug output would drown ours.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
     from .kernel import NetlinkKernel
 
     notifier = Notifier(os.environ)
