@@ -78,16 +78,24 @@ class ImageFile:
         return got
 
     def pwrite(self, offset: int, data: Buffer) -> None:
-        view = memoryview(data)
+        done = self._pwrite_once(data, offset)
+        if done == len(data):
+            return  # the usual case: one syscall, no allocation
+        # A short write is legal; finish the rest (a persistent failure raises on retry).
+        view = memoryview(data)[done:]
+        offset += done
         while view:
-            try:
-                done = os.pwrite(self._fd, view, offset)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFull(f"{self.path}: no space left writing {len(view)} bytes at offset {offset}") from exc
-                raise
+            done = self._pwrite_once(view, offset)
             view = view[done:]
             offset += done
+
+    def _pwrite_once(self, data: Buffer, offset: int) -> int:
+        try:
+            return os.pwrite(self._fd, data, offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"{self.path}: no space left writing {len(data)} bytes at offset {offset}") from exc
+            raise
 
     def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
         for buf in buffers:
