@@ -115,7 +115,21 @@ class FakeKernel:
                 sock.close()
 
     def reconfigure(self, index: int, sock_fds: Sequence[int], *, backend_identifier: str) -> None:
-        raise KernelError("reconfigure is not supported by the fake")
+        dev = self.devices.get(index)
+        if dev is None:
+            raise KernelError(f"/dev/nbd{index} is not connected")
+        if dev.backend_identifier != backend_identifier:
+            raise KernelError(f"/dev/nbd{index} belongs to {dev.backend_identifier}, not {backend_identifier}")
+        for old in dev.socks:
+            old.close()
+        dev.socks = [socket.socket(fileno=os.dup(fd)) for fd in sock_fds]
+        self.log.append(("reconfigure", index))
+
+    def orphan(self, index: int, size: int, backend_identifier: str) -> None:
+        """A device left by a daemon that died: connected, its sockets dead."""
+        a, b = socket.socketpair()
+        b.close()
+        self.devices[index] = FakeDevice(index, [a], size, 512, 30, 60, 0, backend_identifier)
 
     def status(self) -> dict[int, bool]:
         return {i: True for i in self.devices}

@@ -202,3 +202,34 @@ def test_plan_reload(
     assert list(plan.detach) == detach
     assert [e.name for e in plan.change] == change
     assert list(plan.unchanged) == unchanged
+
+
+def test_start_readopts_devices_a_dead_daemon_left(rig: ServiceRig) -> None:
+    kept, gone = rig.image("kept.vhd"), rig.image("gone.vhd")
+    rig.state.parent.mkdir(parents=True, exist_ok=True)
+    options = {
+        "read_only": False,
+        "device": None,
+        "connections": 1,
+        "timeout": 30,
+        "dead_conn_timeout": 60,
+        "block_size": 512,
+        "allow_unsafe_parent": False,
+    }
+    records = [
+        {"name": "kept", "image": kept, "index": 5, "backend_identifier": "vhdblkd:kept", "options": options, "from_vhdtab": True},
+        {"name": "gone", "image": gone, "index": 6, "backend_identifier": "vhdblkd:gone", "options": options, "from_vhdtab": True},
+    ]
+    rig.state.write_text(json.dumps({"version": 1, "pid": 1, "attachments": records}))
+    rig.kernel.orphan(5, 1 << 20, "vhdblkd:kept")
+    rig.config.write_text(f"kept {kept}\ngone {gone}\n")
+    rig.service.start()
+    atts = {a.name: a.index for a in rig.service.manager.attachments()}
+    # kept: same device, fresh sockets; gone: its device timed out, so attached anew; nothing twice.
+    assert atts == {"kept": 5, "gone": 0}
+    assert rig.kernel.log == [("reconfigure", 5), ("connect", 0)]
+    dev = rig.kernel.devices[5]
+    dev.write(0, b"k" * 512)
+    assert dev.read(0, 512) == b"k" * 512
+    state = json.loads(rig.state.read_text())
+    assert sorted((a["name"], a["index"]) for a in state["attachments"]) == [("gone", 0), ("kept", 5)]

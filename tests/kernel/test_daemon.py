@@ -9,6 +9,7 @@ qemu-img and debugfs.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -282,3 +283,38 @@ umount -l /mnt/a || true
     content = fs_file(t / "w.vhd", "/log.txt", t, replay=True).splitlines()
     for i in acked:
         assert content[i] == f"record {i:06d} {'x' * 90}", i
+
+
+def test_restarted_daemon_readopts_a_mounted_device(tmp_path: Path) -> None:
+    create(tmp_path / "r.vhd", "--size", "64M")
+    (tmp_path / "vhdtab").write_text(f"r {tmp_path}/r.vhd\n")
+    script = PRELUDE + r"""
+DEV=$(vhdblkctl list --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["device"])')
+mkfs.ext4 -q "$DEV"
+mount "$DEV" /mnt/a
+echo before >/mnt/a/before.txt; sync
+kill -KILL $DPID; wait $DPID || true
+# The device survives the daemon: writes wait (dead_conn_timeout) for a new one.
+( echo during >/mnt/a/during.txt; sync; echo done >"$T/during.done" ) &
+SYNCER=$!
+sleep 1
+"${VHDBLKD_BIN:-vhdblkd}" -v run --config "$T/vhdtab" --control /run/vt/control.sock --state-dir /run/vt >"$T/daemon2.log" 2>&1 &
+DPID=$!
+for i in $(seq 150); do vhdblkctl status >/dev/null 2>&1 && break; sleep 0.2; done
+wait $SYNCER
+vhdblkctl list --json >"$T/list2.json"
+echo after >/mnt/a/after.txt
+umount /mnt/a
+vhdblkctl detach r
+stop_daemon
+"""
+    run_in_guest(script, env=guest_env(tmp_path), timeout=300).check()
+    t = tmp_path
+    listed = json.loads((t / "list2.json").read_text())
+    assert [a["name"] for a in listed] == ["r"]
+    assert "re-adopted" in (t / "daemon2.log").read_text()
+    assert (t / "during.done").read_text() == "done\n"
+    assert (t / "daemon.rc").read_text().strip() == "0"
+    assert_clean(t / "r.vhd")
+    for name in ("before", "during", "after"):
+        assert fs_file(t / "r.vhd", f"/{name}.txt", t) == f"{name}\n"

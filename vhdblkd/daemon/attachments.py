@@ -217,7 +217,28 @@ class AttachmentManager:
         except OSError as exc:
             raise DaemonError(f"{entry.image}: cannot open: {exc.strerror or exc}") from None
 
-    def _connect(self, entry: VhdtabEntry, image: Backend, from_vhdtab: bool) -> Attachment:
+    def adopt(self, entry: VhdtabEntry, index: int, *, from_vhdtab: bool) -> Attachment:
+        """Take over a device a previous daemon left behind: fresh sockets through RECONFIGURE.
+
+        The kernel holds the device's I/O for dead_conn_timeout after its
+        sockets died; requests waiting then are re-sent on the new sockets.
+        """
+        with self._lock:
+            self._check_free(entry)
+            image = self._open(entry)
+            try:
+                att = self._connect(entry, image, from_vhdtab, adopt_index=index)
+            except BaseException:
+                image.close()
+                raise
+            self._table[entry.name] = att
+        log.info("re-adopted %s as %s (%s)", entry.image, att.device, entry.name)
+        self._changed()
+        return att
+
+    def _connect(
+        self, entry: VhdtabEntry, image: Backend, from_vhdtab: bool, adopt_index: int | None = None
+    ) -> Attachment:
         export = Export(image, entry.name)
         count = entry.connections
         if count > 1 and not image.can_multi_conn:
@@ -234,16 +255,22 @@ class AttachmentManager:
             att.threads.append(thread)
             thread.start()
         try:
-            att.index = self._kernel.connect(
-                [s.fileno() for s in theirs],
-                image.size,
-                index=entry.device_index,
-                block_size=entry.block_size,
-                timeout=entry.timeout_seconds,
-                dead_conn_timeout=entry.dead_conn_timeout_seconds,
-                server_flags=export.flags,
-                backend_identifier=backend_identifier(entry.name),
-            )
+            if adopt_index is not None:
+                self._kernel.reconfigure(
+                    adopt_index, [s.fileno() for s in theirs], backend_identifier=backend_identifier(entry.name)
+                )
+                att.index = adopt_index
+            else:
+                att.index = self._kernel.connect(
+                    [s.fileno() for s in theirs],
+                    image.size,
+                    index=entry.device_index,
+                    block_size=entry.block_size,
+                    timeout=entry.timeout_seconds,
+                    dead_conn_timeout=entry.dead_conn_timeout_seconds,
+                    server_flags=export.flags,
+                    backend_identifier=backend_identifier(entry.name),
+                )
         except BaseException:
             att.stop.set()
             for sock in theirs:

@@ -6,13 +6,9 @@ tests hand the attachment manager a fake that serves the socketpairs itself.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
-from ..errors import KernelError
-
-log = logging.getLogger(__name__)
 
 
 class Kernel(Protocol):
@@ -47,15 +43,12 @@ def backend_identifier(name: str) -> str:
 
 
 class NetlinkKernel:
-    """The real driver, through vhdblkd.nbd.netlink.NbdNetlink (kept open for the daemon's life)."""
+    """The real driver, through vhdblkd.nbd.netlink (one netlink socket per command)."""
 
     def __init__(self) -> None:
         from ..nbd.netlink import NbdNetlink
 
-        self._nl: Any = NbdNetlink()
-        enter = getattr(self._nl, "__enter__", None)
-        if enter is not None:
-            self._nl = enter()
+        self._nl = NbdNetlink()
 
     def connect(
         self,
@@ -69,8 +62,8 @@ class NetlinkKernel:
         server_flags: int,
         backend_identifier: str,
     ) -> int:
-        result = self._nl.connect(
-            list(sock_fds),
+        return self._nl.connect(
+            sock_fds,
             size_bytes,
             index=index,
             block_size=block_size,
@@ -80,32 +73,15 @@ class NetlinkKernel:
             client_flags=0,
             backend_identifier=backend_identifier,
         )
-        return int(result)
 
     def disconnect(self, index: int) -> None:
         self._nl.disconnect(index)
 
     def reconfigure(self, index: int, sock_fds: Sequence[int], *, backend_identifier: str) -> None:
-        self._nl.reconfigure(index, list(sock_fds), backend_identifier=backend_identifier)
+        self._nl.reconfigure(index, sock_fds, backend_identifier=backend_identifier)
 
     def status(self) -> dict[int, bool]:
-        raw = self._nl.status()
-        if isinstance(raw, dict):
-            return {int(k): bool(v) for k, v in raw.items()}
-        result: dict[int, bool] = {}
-        for item in raw:
-            if isinstance(item, tuple):
-                result[int(item[0])] = bool(item[1])
-            else:
-                result[int(item.index)] = bool(item.connected)
-        return result
+        return {index: connected for index, connected in self._nl.status()}
 
     def close(self) -> None:
-        try:
-            exit_ = getattr(self._nl, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
-            else:
-                self._nl.close()
-        except OSError as exc:
-            raise KernelError(f"closing the nbd netlink socket failed: {exc}") from exc
+        self._nl.close()

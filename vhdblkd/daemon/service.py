@@ -27,7 +27,7 @@ from .control import DEFAULT_CONTROL, ControlServer
 from .kernel import Kernel
 from .notify import Notifier
 from .reload import plan_reload
-from .state import STATE_FILE, write_state
+from .state import STATE_FILE, entry_from_record, read_state, write_state
 from .vhdtab import VhdtabEntry, append_entry, check_name, config_path, load_vhdtab, name_for_image, parse_device
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class Service:
     # --- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
-        self.control.start()
+        self.control.start()  # refuses to start when another daemon is live
+        self._readopt()
         self._apply_config(initial=True)
         self.notifier.ready(self.status_line())
         log.info("ready: %s", self.status_line())
@@ -158,6 +159,27 @@ class Service:
                 len(plan.change),
                 len(plan.unchanged),
             )
+
+    def _readopt(self) -> None:
+        """Take back the devices a daemon that died left in the kernel (state file + NBD_CMD_STATUS)."""
+        records = read_state(self.state_path)
+        if not records:
+            return
+        try:
+            known = self.kernel.status()
+        except VhdblkError as exc:
+            log.warning("cannot ask the kernel which nbd devices exist (%s); not re-adopting", exc)
+            return
+        for record in records:
+            if not known.get(record.index, False):
+                log.info("%s: /dev/nbd%d is no longer connected; not re-adopting", record.name, record.index)
+                continue
+            try:
+                entry = entry_from_record(record)
+                self.manager.adopt(entry, record.index, from_vhdtab=record.from_vhdtab)
+            except VhdblkError as exc:
+                log.error("%s: cannot re-adopt /dev/nbd%d: %s", record.name, record.index, exc)
+                self.attach_errors[record.name] = f"cannot re-adopt /dev/nbd{record.index}: {exc}"
 
     def _try(self, name: str, action: Callable[[], object]) -> None:
         try:

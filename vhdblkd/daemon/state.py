@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .vhdtab import atomic_write
+from ..errors import ConfigError
+from .vhdtab import VhdtabEntry, atomic_write, parse_device
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,26 @@ class StateRecord:
             options=dict(obj.get("options", {})),
             from_vhdtab=bool(obj.get("from_vhdtab", False)),
         )
+
+
+def entry_from_record(record: StateRecord) -> VhdtabEntry:
+    """The attachment's configuration as it was when the record was written."""
+    o = record.options
+    try:
+        device = o.get("device")
+        return VhdtabEntry(
+            record.name,
+            record.image,
+            read_only=bool(o["read_only"]),
+            device_index=None if device is None else parse_device(str(device)),
+            connections=int(o["connections"]),
+            timeout_seconds=int(o["timeout"]),
+            dead_conn_timeout_seconds=int(o["dead_conn_timeout"]),
+            block_size=int(o["block_size"]),
+            allow_unsafe_parent=bool(o["allow_unsafe_parent"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"state record for {record.name!r} is incomplete: {exc}") from None
 
 
 def write_state(path: Path, pid: int, records: list[StateRecord]) -> None:
