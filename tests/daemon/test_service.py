@@ -233,3 +233,32 @@ def test_start_readopts_devices_a_dead_daemon_left(rig: ServiceRig) -> None:
     assert dev.read(0, 512) == b"k" * 512
     state = json.loads(rig.state.read_text())
     assert sorted((a["name"], a["index"]) for a in state["attachments"]) == [("gone", 0), ("kept", 5)]
+
+
+def test_watchdog_pings_from_the_loop(tmp_path: Path, notify: NotifySocket) -> None:
+    r = make_rig(tmp_path, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "20000"})
+    r.service.start()
+    runner = threading.Thread(target=r.service.run_forever)
+    runner.start()
+    try:
+        seen: list[str] = []
+
+        def pinged_twice() -> None:
+            seen.extend(notify.messages())
+            assert seen.count("WATCHDOG=1") >= 2
+
+        eventually(pinged_twice)
+    finally:
+        r.service.request_stop()
+        runner.join(30)
+    assert not runner.is_alive()
+
+
+def test_run_is_registered_with_its_options() -> None:
+    from vhdblkd.daemon.main import build_parser
+    from vhdblkd.daemon.service import run
+
+    args = build_parser().parse_args(["run", "--config", "/x", "--control", "/c.sock", "--state-dir", "/s"])
+    assert (args.func, args.config, args.control, args.state_dir) == (run, "/x", "/c.sock", "/s")
+    args = build_parser().parse_args(["run"])
+    assert (args.config, args.control, args.state_dir) == (None, "/run/vhdblkd/control.sock", "/run/vhdblkd")

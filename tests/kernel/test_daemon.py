@@ -225,11 +225,23 @@ echo changed >/mnt/a/base.txt
 umount /mnt/a
 vhdblkctl detach child
 sha256sum "$T/base.vhd" >"$T/base.after"
+# SIGHUP re-reads the vhdtab: a new line attaches, a removed one detaches.
+echo "kid $T/child.vhd ro" >"$T/vhdtab"
+kill -HUP $DPID
+for i in $(seq 100); do vhdblkctl list | grep -q kid && break; sleep 0.1; done
+vhdblkctl list --json >"$T/hup1.json"
+echo "# nothing" >"$T/vhdtab"
+kill -HUP $DPID
+for i in $(seq 100); do vhdblkctl list | grep -q kid || break; sleep 0.1; done
+vhdblkctl list --json >"$T/hup2.json"
 stop_daemon
 """
     run_in_guest(script, env=guest_env(tmp_path), timeout=300).check()
     t = tmp_path
     assert (t / "child.base").read_text() == "from-base\n"
+    hup1 = json.loads((t / "hup1.json").read_text())
+    assert [(a["name"], a["read_only"], a["type"]) for a in hup1] == [("kid", True, "differencing")]
+    assert json.loads((t / "hup2.json").read_text()) == []
     assert (t / "base.before").read_text().split()[0] == (t / "base.after").read_text().split()[0]
     assert_clean(t / "base.vhd")
     assert_clean(t / "child.vhd")
