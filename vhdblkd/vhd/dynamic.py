@@ -130,10 +130,12 @@ class DynamicImage(VhdImage):
             dest[got:] = bytes(len(dest) - got)
 
     def _read_fallback(self, voff: int, dest: memoryview) -> None:
-        """Sectors not in this file: zeros for a dynamic disk, the parent's data for a child."""
+        """Sectors not in this file: zeros for a dynamic disk, the parent's data for a child.
+
+        Every caller passes a freshly allocated (zeroed) buffer, so zeros need no copy.
+        """
         parent = self.parent
         if parent is None:
-            dest[:] = bytes(len(dest))
             return
         n = len(dest)
         avail = max(0, min(n, parent.size - voff))
