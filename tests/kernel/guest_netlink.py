@@ -227,11 +227,60 @@ def reconfigure_after_link_dead() -> str:
     return f"{dev}: LINK_DEAD seen, writer finished after reconfigure"
 
 
+def udev_links(syspath: str) -> list[str]:
+    out = run("udevadm", "test", "--action=change", syspath, timeout=60)
+    links: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("DEVLINKS="):
+            links += line.split("=", 1)[1].split()
+    return sorted(links)
+
+
+@check("udev_rule")
+def udev_rule() -> str:
+    # The guest's root is the host's: hide the host's rules.d under a tmpfs
+    # (in the guest only) and put the packaged rule there.
+    rules = Path("/etc/udev/rules.d")
+    run("mount", "-t", "tmpfs", "tmpfs", str(rules))
+    rule = Path(__file__).resolve().parents[2] / "packaging/udev/61-vhdblkd.rules"
+    (rules / rule.name).write_text(rule.read_text())
+    export = Export(MemoryBackend(16 * MiB), "udev")
+    served = [Served(export), Served(export)]
+    index = nl.connect([served[0].hand_over()], export.size, server_flags=export.flags,
+                       backend_identifier="vhdblkd:data.01")
+    bad = nl.connect([served[1].hand_over()], export.size, server_flags=export.flags,
+                     backend_identifier="vhdblkd:../evil")
+    for s in served:
+        s.close_kernel_copy()
+    try:
+        dev = f"/dev/nbd{index}"
+        run("sgdisk", "-n", "1:2048:+4M", "-n", "2:0:0", dev)
+        run("blockdev", "--rereadpt", dev)
+        assert wait_until(lambda: Path(f"/sys/block/nbd{index}/nbd{index}p2").exists()), "no partitions"
+        disk = udev_links(f"/sys/block/nbd{index}")
+        part = udev_links(f"/sys/block/nbd{index}/nbd{index}p2")
+        evil = udev_links(f"/sys/block/nbd{bad}")
+        assert "/dev/disk/by-vhd/data.01" in disk, disk
+        assert "/dev/disk/by-vhd/data.01-part2" in part, part
+        assert not [link for link in evil if "by-vhd" in link], evil
+    finally:
+        nl.disconnect(index)
+        nl.disconnect(bad)
+        for s in served:
+            s.thread.join(30)
+            s.server_end.close()
+        run("umount", str(rules))
+    after = udev_links(f"/sys/block/nbd{index}")
+    assert not [link for link in after if "by-vhd" in link], after
+    return f"disk {disk}; partition {part}"
+
+
 CHECKS = {
     "filesystem": filesystem,
     "busy_index": busy_index,
     "multi_conn": multi_conn,
     "reconfigure_after_link_dead": reconfigure_after_link_dead,
+    "udev_rule": udev_rule,
 }
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 
 from .uml import GuestResult
 
-CHECKS = ("filesystem", "busy_index", "multi_conn", "reconfigure_after_link_dead")
+CHECKS = ("filesystem", "busy_index", "multi_conn", "reconfigure_after_link_dead", "udev_rule")
 
 
 @pytest.fixture(scope="module")
