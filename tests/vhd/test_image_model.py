@@ -217,3 +217,44 @@ def test_concurrent_writers_on_distinct_ranges(tmp_path: object) -> None:
     assert check_image(path).clean
     with open_image(path, read_only=True) as image2:
         assert bytes(image2.read(0, len(model))) == bytes(model)
+
+
+def test_concurrent_readers_writers_flushers_on_a_child(tmp_path: object) -> None:
+    """Several connections on a differencing image: reads never see torn allocations."""
+    base = os.path.join(str(tmp_path), "base.vhd")
+    child = os.path.join(str(tmp_path), "child.vhd")
+    bs = 4096
+    size = 64 * bs
+    create_dynamic(base, size, block_size=bs, exact_size=True)
+    with open_image(base) as parent:
+        parent.write(0, bytes([0xBB]) * size)
+    create_differencing(child, base)
+    image = open_image(child)
+    errors: list[str] = []
+
+    def writer(n: int) -> None:
+        rng = random.Random(n)
+        for i in range(150):
+            sector = rng.randrange(size // 512 // 4) * 4 + n  # writer n owns sector n of each 4
+            image.write(sector * 512 + 100, bytes([n + 1]) * 300)
+            if i % 40 == 0:
+                image.flush()
+
+    def reader() -> None:
+        rng = random.Random(99)
+        for _ in range(300):
+            offset = rng.randrange(size // 512) * 512
+            data = bytes(image.read(offset, 512))
+            head, mid, tail = data[:100], data[100:400], data[400:]
+            if head != b"\xbb" * 100 or tail != b"\xbb" * 112 or len(set(mid)) != 1 or mid[0] not in (0xBB, 1, 2, 3, 4):
+                errors.append(f"sector at {offset} reads {data[:8]!r}...{data[100:108]!r}")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    image.close()
+    assert not errors, errors[:5]
+    assert check_image(child).clean
