@@ -6,7 +6,7 @@ validates it with the codec's `check_header`, checks the request at the edge
 run inline in the connection thread; FLUSH and the flush that emulates FUA
 go to a helper thread so later reads are not stuck behind an fsync.  A lock
 serialises replies from the two threads.  The caller owns the socket and
-closes it after `serve_connection` returns.
+closes it after `serve_connection` returns (shut down by then).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import socket
 import threading
 
 from ..backend import Backend, FuaMode
-from ..errors import NbdError, OutOfRange, ReadOnlyImage, RemoteProtocolError, VhdblkError
+from ..errors import DiskFull, NbdError, OutOfRange, ReadOnlyImage, RemoteProtocolError, VhdblkError
 from .codec import REQUEST_HEADER, SIMPLE_REPLY, check_header, command_name
 from .constants import (
     NBD_CMD_CACHE,
@@ -60,7 +60,8 @@ def serve_connection(
     kernel's socketpair).  On every way out the requests already received
     are answered and the backend is flushed, because the kernel never sends
     FLUSH before it disconnects.  A protocol error is logged and ends only
-    this connection.  The socket is left open for the caller to close.
+    this connection.  The socket is shut down on return (the peer sees EOF)
+    but not closed: the caller owns the descriptor.
     """
     done = threading.Event()
     done_lock = threading.Lock()
@@ -83,6 +84,11 @@ def serve_connection(
     finally:
         with done_lock:
             done.set()
+            try:
+                # The peer sees the end now; the descriptor stays the caller's to close.
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:
+                log.debug("shutdown of a finished NBD connection: %s", exc)
 
 
 def _watch_stop(sock: socket.socket, stop: threading.Event, done: threading.Event, lock: threading.Lock) -> None:
@@ -123,6 +129,9 @@ def _errno_for(exc: Exception, what: str) -> int:
             return NBD_EPERM
         log.error("%s: I/O error: %s", what, exc)
         return NBD_EIO
+    if isinstance(exc, DiskFull):
+        log.warning("%s: %s", what, exc)
+        return NBD_ENOSPC
     if isinstance(exc, ReadOnlyImage):
         log.warning("%s: %s", what, exc)
         return NBD_EPERM
