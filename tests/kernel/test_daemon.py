@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from .uml import REPO_ROOT, run_in_guest
+from collections.abc import Callable
+
+from .uml import REPO_ROOT, BootResult, GuestResult
+
+Guest = Callable[..., GuestResult]
 
 pytestmark = pytest.mark.kernel
 
@@ -88,7 +92,7 @@ def assert_clean(image: Path) -> None:
     assert info.returncode == 0, info.stderr
 
 
-def test_attach_mkfs_mount_detach_and_error_cases(tmp_path: Path) -> None:
+def test_attach_mkfs_mount_detach_and_error_cases(tmp_path: Path, guest: Guest) -> None:
     dyn = create(tmp_path / "dyn.vhd", "--size", "64M")
     fixed = create(tmp_path / "fixed.vhd", "--type", "fixed", "--size", "32M")
     gpt = create(tmp_path / "gpt.vhd", "--size", "64M")
@@ -163,7 +167,7 @@ vhdblkctl list --json >"$T/after_errors.json"
 
 stop_daemon
 """
-    result = run_in_guest(script, env=guest_env(tmp_path), timeout=400)
+    result = guest(script, env=guest_env(tmp_path), timeout=400)
     result.check()
     t = tmp_path
 
@@ -208,7 +212,7 @@ stop_daemon
     assert "Traceback" not in (t / "daemon.log").read_text()
 
 
-def test_differencing_image_keeps_its_parent(tmp_path: Path) -> None:
+def test_differencing_image_keeps_its_parent(tmp_path: Path, guest: Guest) -> None:
     base = create(tmp_path / "base.vhd", "--size", "48M")
     (tmp_path / "vhdtab").write_text("")
     script = PRELUDE + r"""
@@ -236,7 +240,7 @@ for i in $(seq 100); do vhdblkctl list | grep -q kid || break; sleep 0.1; done
 vhdblkctl list --json >"$T/hup2.json"
 stop_daemon
 """
-    run_in_guest(script, env=guest_env(tmp_path), timeout=300).check()
+    guest(script, env=guest_env(tmp_path), timeout=300).check()
     t = tmp_path
     assert (t / "child.base").read_text() == "from-base\n"
     hup1 = json.loads((t / "hup1.json").read_text())
@@ -270,7 +274,7 @@ while True:
 """
 
 
-def test_sigterm_keeps_every_fsynced_write(tmp_path: Path) -> None:
+def test_sigterm_keeps_every_fsynced_write(tmp_path: Path, guest: Guest) -> None:
     create(tmp_path / "w.vhd", "--size", "64M")
     (tmp_path / "writer.py").write_text(WRITER)
     (tmp_path / "vhdtab").write_text(f"w {tmp_path}/w.vhd\n")
@@ -286,7 +290,7 @@ for i in $(seq 300); do kill -0 $WPID 2>/dev/null || break; sleep 0.2; done
 kill -9 $WPID 2>/dev/null || true
 umount -l /mnt/a || true
 """
-    run_in_guest(script, env=guest_env(tmp_path), timeout=400).check()
+    guest(script, env=guest_env(tmp_path), timeout=400).check()
     t = tmp_path
     assert (t / "daemon.rc").read_text().strip() == "0", (t / "daemon.log").read_text()
     acked = [int(x) for x in (t / "acked").read_text().split()]
@@ -297,7 +301,7 @@ umount -l /mnt/a || true
         assert content[i] == f"record {i:06d} {'x' * 90}", i
 
 
-def test_restarted_daemon_readopts_a_mounted_device(tmp_path: Path) -> None:
+def test_restarted_daemon_readopts_a_mounted_device(tmp_path: Path, guest: Guest) -> None:
     create(tmp_path / "r.vhd", "--size", "64M")
     (tmp_path / "vhdtab").write_text(f"r {tmp_path}/r.vhd\n")
     script = PRELUDE + r"""
@@ -320,7 +324,7 @@ umount /mnt/a
 vhdblkctl detach r
 stop_daemon
 """
-    run_in_guest(script, env=guest_env(tmp_path), timeout=300).check()
+    guest(script, env=guest_env(tmp_path), timeout=300).check()
     t = tmp_path
     listed = json.loads((t / "list2.json").read_text())
     assert [a["name"] for a in listed] == ["r"]
