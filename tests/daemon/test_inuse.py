@@ -1,0 +1,46 @@
+"""Busy checks on a fake /sys/block and mountinfo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vhdblkd.daemon.inuse import device_in_use
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime - hostfs hostfs rw
+30 22 43:1 / /srv/my\\040data rw,relatime - ext4 /dev/nbd0p1 rw
+31 22 43:32 / /mnt/other rw,relatime - ext4 /dev/nbd1 rw
+"""
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    root = tmp_path / "sys"
+    for disk, minor in (("nbd0", 0), ("nbd1", 32), ("nbd2", 64), ("nbd3", 96)):
+        d = root / disk
+        (d / "holders").mkdir(parents=True)
+        (d / "dev").write_text(f"43:{minor}\n")
+    p1 = root / "nbd0" / "nbd0p1"
+    (p1 / "holders").mkdir(parents=True)
+    (p1 / "dev").write_text("43:1\n")
+    (root / "nbd2" / "holders" / "dm-0").mkdir()
+    (tmp_path / "mountinfo").write_text(MOUNTINFO)
+    (tmp_path / "dev").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("index", "reason"),
+    [
+        (0, "mounted on /srv/my data"),  # a partition's mount counts for the disk
+        (1, "mounted on /mnt/other"),
+        (2, "held by dm-0"),
+        (3, None),
+        (9, None),  # unknown to sysfs, no node: nothing claims it
+    ],
+)
+def test_device_in_use(sysfs: Path, index: int, reason: str | None) -> None:
+    tmp = sysfs.parent
+    assert device_in_use(index, sys_root=sysfs, mountinfo=tmp / "mountinfo", dev_root=tmp / "dev") == reason
