@@ -362,7 +362,8 @@ DEFAULT_MASK = (
     "logrotate.timer",
     "cron.service",
     "ssh.service",
-    "systemd-logind.service",
+    "postgresql.service",
+    "postgresql@.service",
 )
 
 
@@ -388,7 +389,13 @@ def boot_systemd(
       written into the overlay (unit files, /etc/vhdtab, modprobe config, ...).
       An executable bit is set on files under */bin/*, */sbin/* and *.sh.
     * `enable` lists unit names to enable for multi-user.target (symlinks in
-      /etc/systemd/system/multi-user.target.wants/).
+      /etc/systemd/system/multi-user.target.wants/).  Units the host enabled
+      there are dropped, the default target is multi-user.target, and `mask`
+      (DEFAULT_MASK: gettys, timers, slow services) is masked.
+    * Every service gets the guest's AVX workaround environment
+      (DefaultEnvironment) and the journal is forwarded to the console, so
+      service logs are in `BootResult.console`.  `check_unit()` builds a
+      oneshot unit that runs a check script and then powers off.
     * `setup_script` (bash) runs before the pivot with `$NEWROOT` naming the new
       root's mount point and `$TESTDIR` the host dir as mounted inside it.
     * /lib/modules/<version> inside the overlay is the UML module tree, so
@@ -423,6 +430,10 @@ def boot_systemd(
             link = masked / unit
             if not link.exists() and not link.is_symlink():
                 link.symlink_to("/dev/null")
+        for rel, content in _systemd_test_config().items():
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
         (workdir / "setup.sh").write_text(setup_script)
         version = module_dir().name
         nr = "/run/ov/m"
@@ -436,6 +447,9 @@ def boot_systemd(
             + f"""
 mkdir -p /run/ov && mount -t tmpfs tmpfs /run/ov && mkdir -p /run/ov/u /run/ov/w {nr}
 mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/u,workdir=/run/ov/w {nr} || echo 'GUEST: overlay failed'
+# Only the test's units start: drop what the host enabled, boot to multi-user.
+rm -rf {nr}/etc/systemd/system/multi-user.target.wants {nr}/etc/systemd/system/graphical.target.wants
+ln -sf /lib/systemd/system/multi-user.target {nr}/etc/systemd/system/default.target
 cp -a {workdir}/root/. {nr}/
 mkdir -p {nr}{SYSTEMD_MOUNT} {nr}/lib/modules/{version}
 mount -t hostfs -o {shared} hostfs {nr}{SYSTEMD_MOUNT}
@@ -459,6 +473,34 @@ exec chroot . /lib/systemd/systemd --log-target=console --show-status=false
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _systemd_test_config() -> dict[str, str]:
+    """Guest-only systemd settings: the AVX workaround for every service, logs on the console."""
+    env = " ".join(f'"{k}={v}"' for k, v in GUEST_ENV.items())
+    return {
+        "etc/systemd/system.conf.d/50-uml-test.conf": f"[Manager]\nDefaultEnvironment={env}\nShowStatus=no\n",
+        "etc/systemd/journald.conf.d/50-uml-test.conf": (
+            "[Journal]\nStorage=volatile\nForwardToConsole=yes\nMaxLevelConsole=info\nTTYPath=/dev/console\n"
+        ),
+    }
+
+
+def check_unit(description: str, script: str, *, after: Iterable[str] = ("multi-user.target",)) -> str:
+    """A oneshot unit that runs `script` (an absolute path inside the guest), then powers off.
+
+    Install it with `files` and list it in `enable`; it is ordered after `after`
+    and powers the guest off even when the script fails.
+    """
+    order = " ".join(after)
+    return (
+        f"[Unit]\nDescription={description}\nAfter={order}\n\n"
+        f"[Service]\nType=oneshot\nExecStart=/bin/bash {script}\n"
+        "ExecStopPost=/bin/systemctl start --no-block --job-mode=replace-irreversibly poweroff.target\n"
+        "StandardOutput=journal+console\n"
+        "StandardError=journal+console\nTimeoutStartSec=5min\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
 
 
 def wait_for(path: Path, timeout: float) -> bool:
