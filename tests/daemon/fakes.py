@@ -32,6 +32,7 @@ class FakeDevice:
     server_flags: int
     backend_identifier: str
     cookie: int = 0
+    dead: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _request(self, type_: int, offset: int = 0, length: int = 0, payload: bytes = b"", conn: int = 0) -> bytes:
@@ -120,10 +121,21 @@ class FakeKernel:
             raise KernelError(f"/dev/nbd{index} is not connected")
         if dev.backend_identifier != backend_identifier:
             raise KernelError(f"/dev/nbd{index} belongs to {dev.backend_identifier}, not {backend_identifier}")
-        for old in dev.socks:
-            old.close()
-        dev.socks = [socket.socket(fileno=os.dup(fd)) for fd in sock_fds]
+        # As the driver does: each new socket takes the place of a dead one.
+        dead = sorted(dev.dead) or list(range(len(dev.socks)))
+        if len(sock_fds) > len(dead):
+            raise KernelError(f"/dev/nbd{index}: more sockets than dead connections")
+        for slot, fd in zip(dead, sock_fds):
+            dev.socks[slot].close()
+            dev.socks[slot] = socket.socket(fileno=os.dup(fd))
+            dev.dead.discard(slot)
         self.log.append(("reconfigure", index))
+
+    def kill_connection(self, index: int, conn: int) -> None:
+        """What the driver does when a request times out: shut that socket down and wait for a new one."""
+        dev = self.devices[index]
+        dev.socks[conn].shutdown(socket.SHUT_RDWR)
+        dev.dead.add(conn)
 
     def orphan(self, index: int, size: int, backend_identifier: str) -> None:
         """A device left by a daemon that died: connected, its sockets dead."""

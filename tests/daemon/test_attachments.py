@@ -147,3 +147,21 @@ def test_shutdown_flushes_every_attachment(tmp_path: Path) -> None:
 
 def _assert_counts(stats: dict[str, int], **expected: int) -> None:
     assert {k: stats[k] for k in expected} == expected
+
+
+def test_a_connection_the_kernel_drops_is_replaced(image: str) -> None:
+    mgr, kernel, opener, _ = make()
+    att = mgr.attach(VhdtabEntry("data", image, connections=2), from_vhdtab=False)
+    dev = kernel.devices[0]
+    dev.write(0, b"1" * 512, conn=1)
+    kernel.kill_connection(0, 1)
+    eventually(lambda: _assert_reconnected(kernel, att.reconnects))
+    dev.write(512, b"2" * 512, conn=1)  # the new socket in slot 1 is served
+    assert dev.read(0, 1024, conn=0) == b"1" * 512 + b"2" * 512
+    assert att.describe()["reconnects"] == 1
+    mgr.detach("data")  # a detach's connection ends are expected: no reconnect
+    assert kernel.log[-1] == ("disconnect", 0) and att.reconnects == 1
+
+
+def _assert_reconnected(kernel: FakeKernel, reconnects: int) -> None:
+    assert ("reconfigure", 0) in kernel.log and reconnects == 1

@@ -334,3 +334,39 @@ stop_daemon
     assert_clean(t / "r.vhd")
     for name in ("before", "during", "after"):
         assert fs_file(t / "r.vhd", f"/{name}.txt", t) == f"{name}\n"
+
+
+def test_connection_dropped_by_a_kernel_timeout_is_replaced(tmp_path: Path, guest: Guest) -> None:
+    create(tmp_path / "t.vhd", "--size", "64M")
+    payload = os.urandom(8 << 20)
+    (tmp_path / "payload").write_bytes(payload)
+    # A 2 s request timeout: stopping the daemon for 5 s makes the kernel drop the connection.
+    (tmp_path / "vhdtab").write_text(f"t {tmp_path}/t.vhd timeout=2\n")
+    script = PRELUDE + r"""
+DEV=/dev/nbd0
+( for i in $(seq 0 7); do
+    dd if="$T/payload" of=$DEV bs=1M skip=$i seek=$i count=1 oflag=direct conv=fsync 2>/dev/null || exit 1
+    sleep 0.3
+  done; echo wrote ) >"$T/dd.out" 2>&1 &
+W=$!
+sleep 0.5
+kill -STOP $DPID
+sleep 5
+kill -CONT $DPID
+set +e; wait $W; echo $? >"$T/dd.rc"; set -e
+head -c 8M $DEV >"$T/readback"
+vhdblkctl list --json >"$T/list.json"
+stop_daemon
+"""
+    guest(script, env=guest_env(tmp_path), timeout=300).check()
+    t = tmp_path
+    assert (t / "dd.rc").read_text().strip() == "0" and (t / "dd.out").read_text() == "wrote\n"
+    assert json.loads((t / "list.json").read_text())[0]["reconnects"] >= 1
+    assert "ended unexpectedly; reconnecting" in (t / "daemon.log").read_text()
+    assert (t / "readback").read_bytes() == payload
+    assert (t / "daemon.rc").read_text().strip() == "0"
+    assert_clean(t / "t.vhd")
+    raw = t / "t.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(t / "t.vhd"), str(raw)], check=True, timeout=120)
+    with raw.open("rb") as f:
+        assert f.read(len(payload)) == payload

@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 # stops them (they still answer what they read and flush).
 DRAIN_SECONDS = 30.0
 SYNC_SECONDS = 30.0
+# A connection the kernel drops is replaced through RECONFIGURE; one that
+# keeps dropping within the window is given up after this many tries.
+RECONNECT_ATTEMPTS = 5
+RECONNECT_WINDOW_SECONDS = 10.0
+RECONNECT_BACKOFF_SECONDS = 1.0
 
 
 class ImageOpener(Protocol):
@@ -91,6 +96,8 @@ class Attachment:
     sockets: list[socket.socket] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    detaching: bool = False  # set before DISCONNECT: a connection ending is then expected
+    reconnects: int = 0
 
     @property
     def name(self) -> str:
@@ -117,6 +124,7 @@ class Attachment:
             "read_only": self.image.read_only,
             "connections": self.connections,
             "from_vhdtab": self.from_vhdtab,
+            "reconnects": self.reconnects,
             "options": self.entry.options,
             "stats": counters,
         }
@@ -250,7 +258,7 @@ class AttachmentManager:
         att = Attachment(entry, image, export, -1, from_vhdtab, count, time.time(), sockets=ours)
         for i, sock in enumerate(ours):
             thread = threading.Thread(
-                target=self._serve_one, args=(att, sock), name=f"nbd-{entry.name}-{i}", daemon=True
+                target=self._serve_one, args=(att, i), name=f"nbd-{entry.name}-{i}", daemon=True
             )
             att.threads.append(thread)
             thread.start()
@@ -283,11 +291,46 @@ class AttachmentManager:
                 sock.close()
         return att
 
-    def _serve_one(self, att: Attachment, sock: socket.socket) -> None:
+    def _serve_one(self, att: Attachment, slot: int) -> None:
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                self._serve(att.sockets[slot], att.export, att.stop)
+            except Exception:  # a bug in the server: log it, the other connections go on
+                log.exception("serving %s failed", att.name)
+            if att.stop.is_set() or att.detaching or att.index < 0:
+                return
+            # The kernel dropped this connection (a request timed out, or the
+            # server gave up on it) while the device lives on: it holds the
+            # I/O for dead_conn_timeout, so hand it a fresh socket.
+            failures = failures + 1 if time.monotonic() - started < RECONNECT_WINDOW_SECONDS else 1
+            if failures > RECONNECT_ATTEMPTS:
+                log.error("%s: connection %d keeps failing; giving up on it", att.device, slot)
+                return
+            log.warning("%s: connection %d ended unexpectedly; reconnecting", att.device, slot)
+            if failures > 1:
+                att.stop.wait(RECONNECT_BACKOFF_SECONDS)
+                if att.stop.is_set() or att.detaching:
+                    return
+            if not self._reconnect(att, slot):
+                return
+
+    def _reconnect(self, att: Attachment, slot: int) -> bool:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._serve(sock, att.export, att.stop)
-        except Exception:  # a bug in the server: log it, the other connections go on
-            log.exception("serving %s failed", att.name)
+            self._kernel.reconfigure(att.index, [theirs.fileno()], backend_identifier=backend_identifier(att.name))
+        except KernelError as exc:
+            log.error("%s: cannot give the kernel a new connection: %s", att.device, exc)
+            ours.close()
+            return False
+        finally:
+            theirs.close()
+        old, att.sockets[slot] = att.sockets[slot], ours
+        old.close()
+        att.reconnects += 1
+        log.info("%s: connection %d re-established", att.device, slot)
+        return True
 
     def _join(self, att: Attachment) -> None:
         deadline = time.monotonic() + self._drain
@@ -324,6 +367,7 @@ class AttachmentManager:
     def _teardown(self, att: Attachment) -> None:
         self._sync(att.index)
         self._flush(att)
+        att.detaching = True
         try:
             self._kernel.disconnect(att.index)
         except KernelError as exc:
