@@ -262,3 +262,14 @@ def test_run_is_registered_with_its_options() -> None:
     assert (args.func, args.config, args.control, args.state_dir) == (run, "/x", "/c.sock", "/s")
     args = build_parser().parse_args(["run"])
     assert (args.config, args.control, args.state_dir) == (None, "/run/vhdblkd/control.sock", "/run/vhdblkd")
+
+
+def test_reload_keeps_an_attachment_whose_line_became_invalid(rig: ServiceRig) -> None:
+    a = rig.image("a.vhd")
+    rig.config.write_text(f"a {a}\n")
+    rig.service.start()
+    rig.config.write_text(f"a {a} rox\n")  # a typo
+    rig.service.reload()
+    assert [x.name for x in rig.service.manager.attachments()] == ["a"]
+    assert rig.kernel.log == [("connect", 0)]
+    assert rig.service.config_errors == [f"{rig.config}:1: unknown option 'rox'"]

@@ -64,6 +64,7 @@ BAD = [
     ("d /a.vhd block_size=1024", "block_size=1024: expected 512 or 4096"),
     ("d /a.vhd timeout=-1", "must be >= 0"),
     ("d /a.vhd ro,,rw", "empty option"),
+    ("d images/a.vhd", "must be absolute"),
 ]
 
 
@@ -94,6 +95,7 @@ def test_bad_lines_are_skipped_with_line_numbers() -> None:
     assert messages[1] == "/etc/vhdblkd/vhdtab:6: name 'a' already used on line 2"
     assert messages[2] == "/etc/vhdblkd/vhdtab:7: image '/a.vhd' already attached by line 2"
     assert messages[3] == "/etc/vhdblkd/vhdtab:9: device nbd2 already used on line 8"
+    assert table.bad_names == {"b", "a", "d", "f"}
 
 
 def test_missing_file_is_empty(tmp_path: Path) -> None:

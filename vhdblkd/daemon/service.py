@@ -136,6 +136,9 @@ class Service:
                     live[att.name] = att.entry
             plan = plan_reload(live, table.entries)
             for name in plan.detach:
+                if name in table.bad_names:
+                    log.warning("%s: its vhdtab line is invalid now; leaving the attachment as it is", name)
+                    continue
                 self._try(name, partial(self.manager.detach, name, force=False))
             for entry in plan.change:
                 current = self.manager.get(entry.name)

@@ -47,8 +47,8 @@ class VhdtabEntry:
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if not self.image or "\n" in self.image or "\0" in self.image:
-            raise ConfigError(f"image path {self.image!r} must be non-empty, with no newline or NUL")
+        if not self.image.startswith("/") or "\n" in self.image or "\0" in self.image:
+            raise ConfigError(f"image path {self.image!r} must be absolute, with no newline or NUL")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ConfigError(f"connections={self.connections}: expected 1..{MAX_CONNECTIONS}")
         if self.timeout_seconds < 0 or self.dead_conn_timeout_seconds < 0:
@@ -100,6 +100,8 @@ class Vhdtab:
 
     entries: tuple[VhdtabEntry, ...]
     errors: tuple[ConfigError, ...]
+    # Names on bad lines: a typo must not detach a live attachment on reload.
+    bad_names: frozenset[str] = frozenset()
 
 
 def escape_field(text: str) -> str:
@@ -190,6 +192,7 @@ def parse_vhdtab(text: str, source: str = "vhdtab") -> Vhdtab:
     seen: dict[str, int] = {}
     images: dict[str, int] = {}
     devices: dict[int, int] = {}
+    bad_names: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         try:
             entry = parse_line(line)
@@ -203,13 +206,14 @@ def parse_vhdtab(text: str, source: str = "vhdtab") -> Vhdtab:
                 raise ConfigError(f"device nbd{entry.device_index} already used on line {devices[entry.device_index]}")
         except ConfigError as exc:
             errors.append(ConfigError(f"{source}:{lineno}: {exc}"))
+            bad_names.add(line.split()[0])
             continue
         seen[entry.name] = lineno
         images[entry.image] = lineno
         if entry.device_index is not None:
             devices[entry.device_index] = lineno
         entries.append(entry)
-    return Vhdtab(tuple(entries), tuple(errors))
+    return Vhdtab(tuple(entries), tuple(errors), frozenset(bad_names))
 
 
 def load_vhdtab(path: Path) -> Vhdtab:
