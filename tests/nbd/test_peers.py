@@ -76,9 +76,9 @@ def test_nbdinfo_read_only(tmp_path: Path) -> None:
 
 
 def test_qemu_io_write_read_discard(backend: Backend, tmp_path: Path) -> None:
-    with served(backend, tmp_path / "s.sock") as (uri, _):
+    with served(backend, tmp_path / "s.sock") as (uri, export):
         out = run(
-            "qemu-io", "-f", "raw", uri,
+            "qemu-io", "-f", "raw", "-d", "unmap", uri,
             "-c", "write -P 0xab 0 1M",
             "-c", "read -P 0xab 0 1M",
             "-c", "write -z 1M 64k",
@@ -89,6 +89,8 @@ def test_qemu_io_write_read_discard(backend: Backend, tmp_path: Path) -> None:
             "-c", "read -P 0xcd 2M 4k",
         )
         assert "Pattern verification failed" not in out
+        assert export.stats.trims == 1 and export.stats.errors == 0
+    assert bytes(backend.read(4 * MiB, MiB)) == bytes(MiB)
     assert bytes(backend.read(0, MiB)) == b"\xab" * MiB
     assert bytes(backend.read(2 * MiB, 4096)) == b"\xcd" * 4096
 
