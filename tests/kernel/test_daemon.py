@@ -165,6 +165,8 @@ record locked vhdblkctl attach "$T/locked.vhd"
 kill $HOLDER
 vhdblkctl list --json >"$T/after_errors.json"
 
+# --persist: attached now and written to the vhdtab for the next start
+vhdblkctl attach --persist --read-only --json "$T/fixed.vhd" >"$T/persist.json"
 stop_daemon
 """
     result = guest(script, env=guest_env(tmp_path), timeout=400)
@@ -208,6 +210,9 @@ stop_daemon
         assert message in err, (name, err)
         assert err.count("\n") == 1, (name, err)
     assert (t / "before_errors.json").read_text() == (t / "after_errors.json").read_text() == "[]\n"
+    persisted = json.loads((t / "persist.json").read_text())
+    assert persisted["name"] == "fixed" and persisted["read_only"] is True
+    assert (t / "vhdtab").read_text() == f"# empty\nfixed {t}/fixed.vhd ro\n"
     assert (t / "daemon.rc").read_text().strip() == "0", (t / "daemon.log").read_text()
     assert "Traceback" not in (t / "daemon.log").read_text()
 
