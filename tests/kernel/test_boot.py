@@ -53,6 +53,23 @@ sleep 1
 kv active_after_reload "$(systemctl show -P ActiveState vhdblkd.service)"
 vhdblkctl list >/srv/test/list.out 2>&1
 kv list_rc "$?"
+kv verify "$(systemd-analyze verify vhdblkd.service /run/systemd/generator/mnt-vhd.mount 2>&1 | tr '\n' ' ')"
+# A crash: Restart=on-failure brings the daemon back, the state file in the
+# preserved RuntimeDirectory names the device, and the mounted file system
+# carries on through RECONFIGURE.
+pid1=$(systemctl show -P MainPID vhdblkd.service)
+kill -KILL "$pid1"
+for i in $(seq 100); do
+    pid2=$(systemctl show -P MainPID vhdblkd.service)
+    [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] && [ "$(systemctl show -P ActiveState vhdblkd.service)" = active ] && break
+    sleep 0.3
+done
+kv restarted "$( [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] && echo yes)"
+kv active_after_crash "$(systemctl show -P ActiveState vhdblkd.service)"
+printf 'written after a daemon crash\n' >/mnt/vhd/after-crash
+sync -f /mnt/vhd/after-crash
+kv sync_rc "$?"
+kv link_after_crash "$(readlink -f /dev/disk/by-vhd/data)"
 mv "$out" /srv/test/result
 """
 
@@ -75,6 +92,7 @@ def _make_image(srv: Path) -> Path:
 
 def _file_in_image(image: Path, inner: str, tmp: Path) -> str:
     raw = tmp / "readback.raw"
+    raw.unlink(missing_ok=True)
     subprocess.run([str(VENV_BIN / "vhdblkctl"), "convert", "--to", "raw", str(image), str(raw)], check=True, timeout=120)
     done = subprocess.run(["debugfs", "-R", f"cat {inner}", str(raw)], capture_output=True, text=True, timeout=60)
     return done.stdout
@@ -156,6 +174,18 @@ def test_reload_keeps_service(booted: tuple[BootResult, Path]) -> None:
     assert "data" in booted[0].read("list.out")
 
 
+def test_unit_and_generated_mount_verify(booted: tuple[BootResult, Path]) -> None:
+    assert _results(booted)["verify"].strip() == ""
+
+
+def test_crash_restart_keeps_the_mount(booted: tuple[BootResult, Path]) -> None:
+    r = _results(booted)
+    assert r["restarted"] == "yes", r
+    assert r["active_after_crash"] == "active", r
+    assert r["sync_rc"] == "0", r
+    assert r["link_after_crash"] == r["link"], r
+
+
 def test_poweroff_unmounts_then_flushes(booted: tuple[BootResult, Path], tmp_path: Path) -> None:
     result, image = booted
     _results(booted)
@@ -165,3 +195,4 @@ def test_poweroff_unmounts_then_flushes(booted: tuple[BootResult, Path], tmp_pat
     assert unmounted != -1 and stopped != -1, console[-8000:]
     assert unmounted < stopped, "the daemon stopped before the mount was gone"
     assert _file_in_image(image, "/written", tmp_path) == WRITTEN
+    assert _file_in_image(image, "/after-crash", tmp_path) == "written after a daemon crash\n"

@@ -35,7 +35,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +150,7 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def _no_xstate_preexec() -> object:
+def _no_xstate_preexec() -> Callable[[], None]:
     """A preexec_fn installing the filter; buffers are built before the fork."""
     libc = ctypes.CDLL(None, use_errno=True)
     prog = _xstate_filter()
@@ -266,7 +266,7 @@ def _run_uml(init: Path, workdir: Path, mem: str, timeout: float) -> tuple[str, 
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_no_xstate_preexec(),  # type: ignore[arg-type]  # returns a callable
+            preexec_fn=_no_xstate_preexec(),
         )
         in_time = True
         try:
