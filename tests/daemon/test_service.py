@@ -273,3 +273,15 @@ def test_reload_keeps_an_attachment_whose_line_became_invalid(rig: ServiceRig) -
     assert [x.name for x in rig.service.manager.attachments()] == ["a"]
     assert rig.kernel.log == [("connect", 0)]
     assert rig.service.config_errors == [f"{rig.config}:1: unknown option 'rox'"]
+
+
+def test_journal_lines_carry_their_priority() -> None:
+    import logging
+
+    from vhdblkd.daemon.service import JournalFormatter
+
+    fmt = JournalFormatter("%(message)s")
+    rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "bad\nworse", None, None)
+    assert fmt.format(rec) == "<3>bad\n<3>worse"
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "fine", None, None)
+    assert fmt.format(rec) == "<6>fine"

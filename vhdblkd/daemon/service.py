@@ -312,12 +312,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="vhdblkd: %(levelname)s: %(message)s" if sys.stderr.isatty() else "%(levelname)s: %(message)s",
-    )
-    # The netlink library's own debug output would drown ours.
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    configure_logging(bool(getattr(args, "verbose", False)), os.environ)
     from .kernel import NetlinkKernel
 
     notifier = Notifier(os.environ)
@@ -342,6 +337,29 @@ def run(args: argparse.Namespace) -> int:
         raise
     service.run_forever()
     return 0
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefix each line with its syslog priority (<3> error ... <7> debug), which journald reads."""
+
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
+def configure_logging(verbose: bool, environ: Mapping[str, str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if environ.get("JOURNAL_STREAM"):  # stderr goes to the journal: it adds time and name itself
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s vhdblkd: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # The netlink library's own debug output would drown ours.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def install_signals(service: Service) -> None:
