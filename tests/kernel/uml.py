@@ -475,11 +475,23 @@ exec chroot . /lib/systemd/systemd --log-target=console --show-status=false
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+_GIVE_UP = (
+    "[Service]\nExecStartPre=\nExecStart=\n"
+    "ExecStart=/bin/sh -c 'echo GUEST: boot failed, entering %n; systemctl --failed --no-pager; "
+    "systemctl start --no-block --job-mode=replace-irreversibly poweroff.target'\n"
+    "StandardInput=null\nStandardOutput=journal+console\n"
+)
+
+
 def _systemd_test_config() -> dict[str, str]:
     """Guest-only systemd settings: the AVX workaround for every service, logs on the console."""
     env = " ".join(f'"{k}={v}"' for k, v in GUEST_ENV.items())
     return {
         "etc/systemd/system.conf.d/50-uml-test.conf": f"[Manager]\nDefaultEnvironment={env}\nShowStatus=no\n",
+        # A failed boot must end the run quickly, with the reason on the console,
+        # instead of waiting on a rescue shell nobody can type into.
+        "etc/systemd/system/emergency.service.d/50-uml-test.conf": _GIVE_UP,
+        "etc/systemd/system/rescue.service.d/50-uml-test.conf": _GIVE_UP,
         "etc/systemd/journald.conf.d/50-uml-test.conf": (
             "[Journal]\nStorage=volatile\nForwardToConsole=yes\nMaxLevelConsole=info\nTTYPath=/dev/console\n"
         ),
