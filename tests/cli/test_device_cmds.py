@@ -46,6 +46,9 @@ def test_attach_relative_path_is_made_absolute(
     assert rig.service.manager.find(str(img)).name == "rel"
     assert run(rig, capsys, "detach", "./rel.vhd")[0] == 0
     assert rig.kernel.devices == {}
+    assert run(rig, capsys, "attach", "rel.vhd")[0] == 0
+    assert run(rig, capsys, "detach", "rel.vhd")[0] == 0  # a file here, not a name
+    assert rig.kernel.devices == {}
 
 
 def test_list_and_status(rig: ServiceRig, capsys: pytest.CaptureFixture[str]) -> None:

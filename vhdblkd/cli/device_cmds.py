@@ -88,7 +88,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_detach(args: argparse.Namespace) -> int:
     target = args.target
     # An image path is resolved here (relative to our directory); names and devices pass as given.
-    if os.sep in target and not target.startswith("/dev/"):
+    if not target.startswith("/dev/") and (os.sep in target or os.path.isfile(target)):
         target = os.path.abspath(target)
     request(control_path(args.control), {"op": "detach", "target": target, "force": args.force})
     return 0
