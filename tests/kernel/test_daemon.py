@@ -8,17 +8,15 @@ qemu-img and debugfs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from collections.abc import Callable
-
-from .uml import REPO_ROOT, BootResult, GuestResult
+from .uml import REPO_ROOT, GuestResult
 
 Guest = Callable[..., GuestResult]
 
@@ -52,10 +50,6 @@ def guest_env(tmp_path: Path) -> dict[str, str]:
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([VHDBLKCTL, *args], capture_output=True, text=True, timeout=120)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def create(path: Path, *args: str) -> Path:
