@@ -179,8 +179,10 @@ class _Connection:
             total += n
         return total
 
-    def _send(self, header: bytes, data: bytes | bytearray | memoryview | None = None) -> None:
+    def _send(self, header: bytes, data: bytes | bytearray | memoryview | None = None, error: int = 0) -> None:
         with self.send_lock:
+            if error:
+                self.stats.errors += 1  # under the lock: the flush thread replies too
             if data is None:
                 self.sock.sendall(header)
                 return
@@ -194,9 +196,7 @@ class _Connection:
                 self.sock.sendall(memoryview(data)[sent - len(header) :])
 
     def _reply(self, cookie: int, error: int) -> None:
-        if error:
-            self.stats.errors += 1
-        self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie))
+        self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie), None, error)
 
     # --- flush helper thread -----------------------------------------------------
 

@@ -93,5 +93,6 @@ class Export:
 
     def detach(self, stats: Stats) -> None:
         with self._lock:
-            self._live.remove(stats)
+            # By identity: two connections' counters may well be equal.
+            self._live = [live for live in self._live if live is not stats]
             self._retired.add(stats)

@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import threading
+import time
 
 from ..errors import ConfigError
 from .connection import serve_connection
@@ -36,10 +37,12 @@ class SocketServer:
         unix_path: str | None = None,
         tcp: tuple[str, int] | None = None,
         backlog: int = 16,
+        drain_seconds: float = 30.0,
     ) -> None:
         if (unix_path is None) == (tcp is None):
             raise ConfigError("give exactly one of a unix socket path or a TCP address to listen on")
         self.export = export
+        self.drain_seconds = drain_seconds
         self._unix_path = unix_path
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -157,8 +160,21 @@ class SocketServer:
         self._listener.close()
         if self._accept_thread is not None:
             self._accept_thread.join()
+        deadline = time.monotonic() + self.drain_seconds
         for thread in threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            stuck = list(self._sockets)
+        if stuck:
+            # A client that stopped reading its replies would block us forever.
+            log.warning("%d NBD connection(s) still busy after %.0f s; cutting them off", len(stuck), self.drain_seconds)
+            for sock in stuck:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:
+                    log.debug("shutdown of a stuck connection: %s", exc)
+            for thread in threads:
+                thread.join()
         if self._unix_path is not None:
             try:
                 os.unlink(self._unix_path)
