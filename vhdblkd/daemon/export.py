@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..vhd.image import open_image  # the format layer is only needed once arguments are valid
 
-    image = open_image(args.image, read_only=args.read_only, lock=True)
+    try:
+        image = open_image(args.image, read_only=args.read_only, lock=True)
+    except OSError as exc:
+        raise ConfigError(f"{args.image}: cannot open: {exc.strerror or exc}") from exc
     try:
         stop = threading.Event()
 
