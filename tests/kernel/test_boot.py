@@ -44,6 +44,7 @@ kv mount_source "$(findmnt -n -o SOURCE /mnt/vhd)"
 dev=$(readlink -f /dev/disk/by-vhd/data)
 kv backend "$(cat /sys/block/${dev#/dev/}/backend 2>&1)"
 kv marker "$(cat /mnt/vhd/marker 2>&1)"
+kv fsck "$(systemctl show -P ActiveState,Result "$(systemd-escape -p --template=systemd-fsck@.service /dev/disk/by-vhd/data)" | tr '\n' ' ')"
 kv mount_after "$(systemctl show -P After mnt-vhd.mount | tr ' ' '\n' | grep -x vhdblkd.service)"
 kv failed "$(systemctl list-units --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')"
 printf 'written while booted, flushed at poweroff\n' >/mnt/vhd/written
@@ -111,7 +112,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
         "/etc/vhdblkd/vhdtab": "# NAME IMAGE [OPTIONS]\ndata /srv/test/data.vhd\n",
         "/etc/fstab": (
             "/dev/disk/by-vhd/data /mnt/vhd ext4 "
-            "x-systemd.requires=vhdblkd.service,x-systemd.device-timeout=90s 0 0\n"
+            "x-systemd.requires=vhdblkd.service,x-systemd.device-timeout=90s 0 2\n"
         ),
         "/etc/systemd/system/vhdblkd.service": (PACKAGING / "systemd/vhdblkd.service").read_text(),
         "/etc/modules-load.d/vhdblkd.conf": (PACKAGING / "modules-load.d/vhdblkd.conf").read_text(),
@@ -163,6 +164,7 @@ def test_fstab_mount_by_vhd_name_at_boot(booted: tuple[BootResult, Path]) -> Non
     assert r["backend"] == "vhdblkd:data", r
     assert r["marker"] == MARKER.strip()
     assert r["mount_after"] == "vhdblkd.service"
+    assert sorted(r["fsck"].split()) == ["active", "success"], r["fsck"]  # fstab pass 2: checked before mounting
     assert "ordering cycle" not in booted[0].console.lower()
 
 
