@@ -50,7 +50,7 @@ def test_round_trip_whole(request_: Request) -> None:
     assert dec.feed(request_.pack()) == [request_]
     assert dec.state is State.HEADER
     assert dec.feed(b"") == []
-    assert dec.state is State.CLOSED
+    assert dec.state.name == "CLOSED"  # by name: mypy narrowed `state` before the feed
 
 
 @pytest.mark.parametrize("request_", CASES, ids=lambda r: f"type{r.type}-flags{r.flags:#x}")
@@ -99,7 +99,7 @@ def test_disc_then_eof() -> None:
     assert dec.feed(Request(c.NBD_CMD_DISC, 0, 1, 0, 0).pack()) == [Request(c.NBD_CMD_DISC, 0, 1, 0, 0)]
     assert dec.state is State.DISCONNECTED
     dec.feed(b"")
-    assert dec.state is State.CLOSED
+    assert dec.state.name == "CLOSED"
 
 
 def test_data_after_disc_is_an_error() -> None:

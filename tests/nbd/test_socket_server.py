@@ -51,7 +51,9 @@ def test_tcp_loopback_and_port_zero() -> None:
     server = SocketServer(Export(backend), tcp=("127.0.0.1", 0))
     server.start()
     try:
-        host, port = server.address  # type: ignore[misc]  # a TCP server's address is a pair
+        address = server.address
+        assert isinstance(address, tuple)
+        host, port = address
         assert host == "127.0.0.1" and port > 0
         with socket.create_connection((host, port)) as sock:
             client = Client(sock)
@@ -93,7 +95,12 @@ def test_shutdown_cuts_off_a_client_that_stopped_reading(tmp_path: Path) -> None
     for _ in range(8):  # 256 MiB of READ replies nobody reads: the server blocks in send
         client.send(c.NBD_CMD_READ, 0, 32 << 20)
     done = threading.Event()
-    threading.Thread(target=lambda: (server.shutdown(), done.set()), daemon=True).start()
+
+    def stop() -> None:
+        server.shutdown()
+        done.set()
+
+    threading.Thread(target=stop, daemon=True).start()
     assert done.wait(30)
     client.sock.close()
 
