@@ -10,13 +10,21 @@ Two entry points:
 
 * `run_in_guest(script)`: PID 1 is a small sh script that mounts proc, sys,
   dev and a tmpfs on /run, loads the requested modules (nbd with
-  nbds_max=16 max_part=16), runs `script` with bash (cwd = repository root,
-  the venv first on PATH) and powers off.  Returns a `GuestResult`.
+  nbds_max=16 max_part=16) with insmod, runs `script` with bash (cwd =
+  repository root, the venv first on PATH) and powers off.  Returns a
+  `GuestResult`.  The host has no /lib/modules, so `modprobe` does not work
+  in this guest (load modules through the `modules` argument).
 * `boot_systemd(setup_script)`: PID 1 builds an overlay over the host root,
   mounts a host directory at /srv/test inside it, installs files, runs
   `setup_script` against the new root, pivots and execs systemd.  A unit
-  written by the test checks things, writes `/srv/test/result` and runs
-  `systemctl poweroff`.  Returns a `BootResult`.
+  written by the test (see `check_unit`) checks things, writes
+  `/srv/test/result` and powers off.  Returns a `BootResult`.  A failed boot
+  (emergency or rescue mode) powers off at once.
+
+Every UML process runs under a seccomp filter that works around UML 6.1's
+XSAVE bug on AVX-512/AMX hosts, and every guest process is told not to use
+AVX (see "the AMX/XSAVE workaround" below); without it the guest's init
+dies at once on such machines.
 
 Both raise `GuestError` (an AssertionError, so pytest shows it as a test
 failure) with the console log when the guest does not come back in time or
