@@ -69,8 +69,15 @@ class Peer:
         return int(error)
 
     def at_eof(self) -> bool:
-        """True when the server has closed its end (after answering what it had)."""
-        return self.sock.recv(1) == b""
+        """True when the server has closed its end (after answering what it had).
+
+        A server that closes with unread client bytes in its queue makes the
+        kernel reset the stream instead of ending it; either way it closed.
+        """
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
 
     # --- well-formed requests ------------------------------------------------------
 
