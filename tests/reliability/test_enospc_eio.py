@@ -159,7 +159,8 @@ def _check_model(got: bytes, before: bytes, steps: list[tuple[str, int, bytes]],
 def test_every_pwrite_and_fdatasync_may_fail(tmp_path: Path, kind: str) -> None:
     """Inject EIO or ENOSPC at each pwrite and each fdatasync of a request script in turn."""
     steps = script(7 if kind == "dynamic" else 8)
-    base = make_image(tmp_path / "base", kind) if (tmp_path / "base").mkdir() is None else ""
+    (tmp_path / "base").mkdir()
+    base = make_image(tmp_path / "base", kind)
     before = content(base)
     # A clean run counts the calls each fault position can hit.
     probe = FaultFactory()

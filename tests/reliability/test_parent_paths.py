@@ -8,6 +8,7 @@ refused with a ParentError naming allow_unsafe_parent, and accepted with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from vhdblkd.vhd.create import create_differencing, create_dynamic
 from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.layout import scan
 from vhdblkd.vhd.fileio import ImageFile
-from vhdblkd.vhd.structs import DynamicHeader
 
 SIZE = 1024 * 1024
 BS = 64 * 1024
@@ -60,14 +60,10 @@ def rewrite_locators(child: Path, texts: dict[bytes, str | None], name: str | No
                                           loc.platform_data_offset))
             else:
                 locators.append(loc)
-        fields = {"parent_locators": tuple(locators)}
+        new = dataclasses.replace(header, parent_locators=tuple(locators))
         if name is not None:
             encoded = name.encode("utf-16-be")
-            fields["parent_unicode_name"] = encoded + bytes(c.PARENT_NAME_SIZE - len(encoded))
-        import dataclasses
-
-        new = dataclasses.replace(header, **fields)  # type: ignore[arg-type]  # the fields above are of DynamicHeader
-        assert isinstance(new, DynamicHeader)
+            new = dataclasses.replace(new, parent_unicode_name=encoded + bytes(c.PARENT_NAME_SIZE - len(encoded)))
         f.pwrite(lay.footer.data_offset if lay.footer else c.FOOTER_SIZE, new.pack())
         f.fdatasync()
     finally:
