@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vhdblkd.daemon.inuse import device_in_use
+from vhdblkd.daemon.inuse import device_in_use, mounted_on
 
 MOUNTINFO = """\
 22 1 0:21 / / rw,relatime - hostfs hostfs rw
@@ -44,3 +44,9 @@ def sysfs(tmp_path: Path) -> Path:
 def test_device_in_use(sysfs: Path, index: int, reason: str | None) -> None:
     tmp = sysfs.parent
     assert device_in_use(index, sys_root=sysfs, mountinfo=tmp / "mountinfo", dev_root=tmp / "dev") == reason
+
+
+def test_mounted_on(sysfs: Path) -> None:
+    info = sysfs.parent / "mountinfo"
+    assert mounted_on(0, sys_root=sysfs, mountinfo=info) == ["/srv/my data"]
+    assert mounted_on(3, sys_root=sysfs, mountinfo=info) == []

@@ -284,6 +284,7 @@ mount "$DEV" /mnt/a
 python3 "$T/writer.py" /mnt/a/log.txt "$T/acked" >"$T/writer.out" 2>&1 &
 WPID=$!
 for i in $(seq 600); do [ "$(wc -l <"$T/acked" 2>/dev/null || echo 0)" -ge 40 ] && break; sleep 0.1; done
+echo "never fsynced" >/mnt/a/unsynced.txt  # the daemon syncs a mounted fs before it lets go
 stop_daemon
 for i in $(seq 300); do kill -0 $WPID 2>/dev/null || break; sleep 0.2; done
 kill -9 $WPID 2>/dev/null || true
@@ -295,6 +296,7 @@ umount -l /mnt/a || true
     acked = [int(x) for x in (t / "acked").read_text().split()]
     assert len(acked) >= 40 and acked == list(range(len(acked)))
     assert_clean(t / "w.vhd")
+    assert fs_file(t / "w.vhd", "/unsynced.txt", t, replay=True) == "never fsynced\n"
     content = fs_file(t / "w.vhd", "/log.txt", t, replay=True).splitlines()
     for i in acked:
         assert content[i] == f"record {i:06d} {'x' * 90}", i

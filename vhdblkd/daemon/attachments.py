@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ..backend import Backend
 from ..errors import DaemonError, KernelError, VhdblkError
 from ..nbd.server import Export, serve_connection
-from .inuse import device_in_use, device_path
+from .inuse import device_in_use, device_path, mounted_on
 from .kernel import Kernel, backend_identifier
 from .state import StateRecord
 from .vhdtab import VhdtabEntry
@@ -62,10 +62,17 @@ def default_serve(sock: socket.socket, export: Export, stop: threading.Event) ->
 
 
 def sync_device(index: int) -> None:
-    """fsync /dev/nbdN: writes back its page cache and sends FLUSH (bounded: runs in a thread)."""
+    """Write back what the kernel holds for /dev/nbdN and FLUSH it (bounded: runs in a thread).
+
+    A file system still mounted on it (a forced detach, or SIGTERM without
+    an unmount first) gets a sync(2) so its dirty data lands before the
+    device goes; then an fsync of the device writes back its own page cache.
+    """
     path = device_path(index)
 
     def work() -> None:
+        if mounted_on(index):
+            os.sync()
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:

@@ -61,6 +61,13 @@ def _children(sys_block: Path) -> list[Path]:
         return []
 
 
+def mounted_on(
+    index: int, *, sys_root: Path = Path("/sys/block"), mountinfo: Path = Path("/proc/self/mountinfo")
+) -> list[str]:
+    """Where the disk or one of its partitions is mounted."""
+    return _mountpoints(_dev_numbers(sys_root / f"nbd{index}"), mountinfo)
+
+
 def device_in_use(
     index: int,
     *,
