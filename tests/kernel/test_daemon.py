@@ -112,8 +112,9 @@ umount /mnt/a
 vhdblkctl detach "$DEV"
 
 # --- fixed
-DEV=$(vhdblkctl attach --name fx "$T/fixed.vhd")
+DEV=$(vhdblkctl attach --name fx --connections 2 "$T/fixed.vhd")
 mkfs.ext4 -q "$DEV"; mount "$DEV" /mnt/a; echo fixed-data >/mnt/a/f.txt; umount /mnt/a
+vhdblkctl list --json >"$T/fx.json"
 vhdblkctl detach fx
 
 # --- GPT: partition on the device, re-attach, the partition appears and holds data
@@ -177,7 +178,9 @@ stop_daemon
     assert_clean(t / "dyn.vhd")
     assert fs_file(t / "dyn.vhd", "/hello.txt", t) == "hello from the guest\n"
     assert fs_file(t / "dyn.vhd", "/numbers.txt", t) == "".join(f"{i}\n" for i in range(1, 20001))
-    # fixed
+    # fixed, over two connections (the kernel takes several only with CAN_MULTI_CONN)
+    fx = json.loads((t / "fx.json").read_text())[0]
+    assert fx["connections"] == 2 and fx["type"] == "fixed" and fx["stats"]["writes"] > 0
     assert_clean(t / "fixed.vhd")
     assert fs_file(t / "fixed.vhd", "/f.txt", t) == "fixed-data\n"
     # GPT
