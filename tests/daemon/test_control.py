@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,9 +158,11 @@ def _as_nobody(fn: Any) -> tuple[int, str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
-def test_non_root_caller_is_refused(tmp_path: Path) -> None:
-    tmp_path.chmod(0o755)
-    srv = ControlServer(tmp_path / "c.sock", echo)
+def test_non_root_caller_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    # pytest's own temporary directories are 0700: use one that another user may enter.
+    where = Path(tempfile.mkdtemp(prefix="vhdblkd-ctl-", dir="/tmp"))
+    where.chmod(0o755)
+    srv = ControlServer(where / "c.sock", echo)
     srv.start()
     try:
 
@@ -169,12 +173,16 @@ def test_non_root_caller_is_refused(tmp_path: Path) -> None:
         # The 0600 mode refuses the connect itself.
         rc, out = _as_nobody(call)
         assert rc == 1 and out == f"DaemonError: {NOT_ROOT}"
+        assert "refused a control client" not in caplog.text
         # With the mode opened by hand, SO_PEERCRED still refuses.
         os.chmod(srv.path, 0o666)
-        rc, out = _as_nobody(call)
+        with caplog.at_level("WARNING", logger="vhdblkd.daemon.control"):
+            rc, out = _as_nobody(call)
         assert rc == 1 and out == f"DaemonError: {NOT_ROOT}"
+        assert "refused a control client" in caplog.text
     finally:
         srv.stop()
+        shutil.rmtree(where)
 
 
 def test_client_without_daemon(tmp_path: Path) -> None:
