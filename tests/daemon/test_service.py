@@ -285,3 +285,17 @@ def test_journal_lines_carry_their_priority() -> None:
     assert fmt.format(rec) == "<3>bad\n<3>worse"
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "fine", None, None)
     assert fmt.format(rec) == "<6>fine"
+
+
+def test_a_device_that_cannot_be_readopted_is_released(rig: ServiceRig) -> None:
+    lost = str(rig.root / "images" / "lost.vhd")  # the image is gone
+    rig.state.parent.mkdir(parents=True, exist_ok=True)
+    options = {"read_only": False, "device": "/dev/nbd2", "connections": 1, "timeout": 30,
+               "dead_conn_timeout": 60, "block_size": 512, "allow_unsafe_parent": False}
+    record = {"name": "lost", "image": lost, "index": 2, "backend_identifier": "vhdblkd:lost",
+              "options": options, "from_vhdtab": False}
+    rig.state.write_text(json.dumps({"version": 1, "pid": 1, "attachments": [record]}))
+    rig.kernel.orphan(2, 1 << 20, "vhdblkd:lost")
+    rig.service.start()
+    assert rig.kernel.log == [("disconnect", 2)] and rig.kernel.devices == {}
+    assert "cannot re-adopt /dev/nbd2" in rig.service.attach_errors["lost"]

@@ -56,6 +56,7 @@ class Service:
         self.started = clock()
         self.config_errors: list[str] = []
         self.attach_errors: dict[str, str] = {}
+        self._table_names: set[str] = set()
         factory = make_manager or (lambda k, cb: AttachmentManager(k, on_change=cb))
         self.manager = factory(kernel, self._save_state)
         self.control = (control_factory or ControlServer)(control, self.handle)
@@ -123,9 +124,11 @@ class Service:
         self.config_errors = [str(e) for e in table.errors]
         for err in self.config_errors:
             log.error("%s (line skipped)", err)
-        # Failures of entries no longer in the file are forgotten.
+        # Failures of entries taken out of the file are forgotten.
         wanted = {e.name for e in table.entries}
-        self.attach_errors = {k: v for k, v in self.attach_errors.items() if k in wanted}
+        removed = self._table_names - wanted
+        self.attach_errors = {k: v for k, v in self.attach_errors.items() if k not in removed}
+        self._table_names = wanted | table.bad_names
         with self.manager.locked():
             live: dict[str, VhdtabEntry] = {}
             for att in self.manager.attachments():
@@ -181,8 +184,13 @@ class Service:
                 entry = entry_from_record(record)
                 self.manager.adopt(entry, record.index, from_vhdtab=record.from_vhdtab)
             except VhdblkError as exc:
-                log.error("%s: cannot re-adopt /dev/nbd%d: %s", record.name, record.index, exc)
+                log.error("%s: cannot re-adopt /dev/nbd%d: %s; disconnecting it", record.name, record.index, exc)
                 self.attach_errors[record.name] = f"cannot re-adopt /dev/nbd{record.index}: {exc}"
+                # Nobody can serve it now: fail its I/O at once and free the index.
+                try:
+                    self.kernel.disconnect(record.index)
+                except VhdblkError as again:
+                    log.warning("/dev/nbd%d: %s", record.index, again)
 
     def _try(self, name: str, action: Callable[[], object]) -> None:
         try:
