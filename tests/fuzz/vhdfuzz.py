@@ -24,11 +24,13 @@ a check change no byte; an image that opened read-write and closed opens again.
 
 from __future__ import annotations
 
+import os
 import struct
+import traceback
 from pathlib import Path
 
 from tests.fuzz.guard import time_limit
-from tests.reliability.faultfile import FaultFactory
+from tests.reliability.faultfile import BoundsViolation, FaultFactory
 from vhdblkd.errors import VhdblkError
 from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.image import open_image
@@ -104,7 +106,7 @@ def _header_offset(buf: bytearray) -> int:
     return int.from_bytes(buf[len(buf) - 512 + 16 : len(buf) - 512 + 24], "big")
 
 
-def _fix_checksums(buf: bytearray) -> None:
+def fix_checksums(buf: bytearray) -> None:
     for off in {0, len(buf) - 512}:
         if 0 <= off and off + 512 <= len(buf):
             _put(buf, off + 64, 4, checksum(buf[off : off + 512], 64))
@@ -153,11 +155,24 @@ def mutate(seed: bytes, program: Reader) -> tuple[bytes, bool, bool]:
             _put(buf, _header_offset(buf) + 576 + 24 * loc + off, width, program.value())
     fix = bool(flags & 1)
     if fix:
-        _fix_checksums(buf)
+        fix_checksums(buf)
     return bytes(buf), fix, bool(flags & 2)
 
 
 SEEDS = load_seeds()
+# Bugs already pinned by xfail tests, as (exception type, function on the stack).  Exploratory
+# runs set VHDFUZZ_SKIP_KNOWN=1 to look past them; CI never does.
+KNOWN_BUGS = [
+    # parent.py _locator_text reads a locator's data without checking it lies in the file
+    # (test_locator_offset_past_the_file_is_a_typed_error).
+    (BoundsViolation, "_locator_text"),
+    (OverflowError, "_locator_text"),
+]
+
+
+def is_known(exc: BaseException) -> bool:
+    names = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+    return any(isinstance(exc, kind) and where in names for kind, where in KNOWN_BUGS)
 
 
 def run(data: bytes) -> None:
@@ -165,8 +180,13 @@ def run(data: bytes) -> None:
     program = Reader(data)
     name, files = SEEDS[program.u8() % len(SEEDS)]
     image_bytes, _, read_write = mutate(files[name], program)
-    with time_limit(TIME_LIMIT):
-        exercise(name, image_bytes, files, read_write)
+    try:
+        with time_limit(TIME_LIMIT):
+            exercise(name, image_bytes, files, read_write)
+    except (BoundsViolation, OverflowError) as exc:
+        if os.environ.get("VHDFUZZ_SKIP_KNOWN") == "1" and is_known(exc):
+            return
+        raise
 
 
 def _factory(target: str, image_bytes: bytes, files: dict[str, bytes]) -> tuple[FaultFactory, dict[str, MemoryDisk]]:
@@ -201,9 +221,9 @@ def exercise(name: str, image_bytes: bytes, files: dict[str, bytes], read_write:
         with open_image(target, lock=False, file_factory=faults) as image:
             size = image.size
             if size >= 1024:
+                image.discard(0, min(size, 8192))
                 image.write(size - 700, b"\xa5" * 600)
                 image.write(100, b"\x5a" * 600)
-                image.discard(0, min(size, 8192))
                 image.flush()
     except VhdblkError:
         return

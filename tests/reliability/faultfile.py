@@ -32,6 +32,10 @@ MAX_READ = 64 * 1024 * 1024
 MAX_WRITE_GAP = 32 * 1024 * 1024
 
 
+class BoundsViolation(AssertionError):
+    """A read or write outside the file (an AssertionError: no layer of vhdblkd may swallow it)."""
+
+
 @dataclasses.dataclass
 class Fault:
     """Raise OSError(errno) on the `nth` (1-based) call of `kind` ("pwrite" | "fdatasync" | "truncate")."""
@@ -78,7 +82,7 @@ class FaultLog:
     def violation(self, message: str) -> None:
         self.violations.append(message)
         if self.strict_bounds:
-            raise AssertionError(message)
+            raise BoundsViolation(message)
 
 
 class FaultFile(ImageFile):
