@@ -29,12 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def normalise_argv(argv: list[str]) -> list[str]:
+    """`vhdblkd [-v] --config X` means `vhdblkd [-v] run --config X`: no command is the service."""
+    if any(a in ("run", "export", "-h", "--help") for a in argv):
+        return argv
+    n = 0
+    while n < len(argv) and argv[n] in ("-v", "--verbose"):
+        n += 1
+    return [*argv[:n], "run", *argv[n:]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = normalise_argv(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # `vhdblkd` with no command (or only options) is the service.
-    if not any(a in ("run", "export", "-h", "--help") for a in argv):
-        argv = [*argv, "run"]
     args = parser.parse_args(argv)
     try:
         rc: int = args.func(args)
