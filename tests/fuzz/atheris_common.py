@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(name: str, seeds: Callable[[], dict[str, bytes]], target: Callable[[bytes], None]) -> None:
-    import atheris  # type: ignore[import-not-found]  # optional, installed by hand into a scratch venv
+    import atheris  # type: ignore[import-untyped]  # optional, installed by hand into a scratch venv
 
     scratch = Path(tempfile.mkdtemp(prefix=f"{name}-corpus-"))
     for seed_name, data in seeds().items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import atheris  # type: ignore[import-not-found]  # noqa: E402 - optional; needs the path set above
+import atheris  # type: ignore[import-untyped]  # noqa: E402 - optional; needs the path set above
 
 with atheris.instrument_imports(include=["vhdblkd"]):
     from tests.fuzz import nbdfuzz  # noqa: E402

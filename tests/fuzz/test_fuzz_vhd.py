@@ -92,7 +92,7 @@ def test_locator_offset_past_the_file_is_a_typed_error(tmp_path: Path, offset: i
     buf = bytearray(files[name])
     for i in range(8):
         base = 512 + 576 + 24 * i
-        if buf[base : base + 4] in (b"W2ku", b"W2ru"):
+        if bytes(buf[base : base + 4]) in (b"W2ku", b"W2ru"):
             buf[base + 16 : base + 24] = struct.pack(">Q", offset)
     vhdfuzz.fix_checksums(buf)
     child = tmp_path / name

@@ -223,7 +223,8 @@ def exercise(name: str, image_bytes: bytes, files: dict[str, bytes], read_write:
             if size >= 1024:
                 image.discard(0, min(size, 8192))
                 image.write(size - 700, b"\xa5" * 600)
-                image.write(100, b"\x5a" * 600)
+                if size >= 2048:  # a second write that does not overlap the first
+                    image.write(100, b"\x5a" * 600)
                 image.flush()
     except VhdblkError:
         return
