@@ -222,3 +222,25 @@ def test_failed_bitmap_write_of_an_allocation_leaves_a_clean_file_after_close(tm
     image.close()
     report = check_image(path)
     assert report.clean, report.problems
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_close_failing_with_eio_leaves_a_recoverable_image(tmp_path: Path, kind: str) -> None:
+    """The flush at close fails (the disk died): the file still recovers, with every flushed write."""
+    path = make_image(tmp_path, kind)
+    before = content(path)
+    faults = FaultFactory()
+    log = faults.log_for(path)
+    image = open_image(path, file_factory=faults)
+    image.write(2 * BS, b"f" * BS)
+    image.flush()
+    image.write(6 * BS + 10, b"u" * 100)  # never flushed: may or may not survive
+    log.failing = lambda op, off, n: errno.EIO if op in ("pwrite", "fdatasync") else None
+    with pytest.raises(OSError):
+        image.close()
+    with open_image(path):
+        pass  # recovery
+    assert_clean(path)
+    got = content(path)
+    assert got[2 * BS : 3 * BS] == b"f" * BS
+    assert got[6 * BS + 10 : 6 * BS + 110] in (b"u" * 100, before[6 * BS + 10 : 6 * BS + 110])
