@@ -52,7 +52,8 @@ def replay(rec: Recording, state: CrashState) -> tuple[bytes, bytes]:
 
 @pytest.mark.parametrize("kind,block_size,blocks,seed", WORKLOADS,
                          ids=[f"{w[0]}-{w[1] // 1024}k" for w in WORKLOADS])
-def test_every_crash_point_recovers(kind: str, block_size: int, blocks: int, seed: int) -> None:
+def test_every_crash_point_recovers(kind: str, block_size: int, blocks: int, seed: int,
+                                    crash_tally: dict[str, int]) -> None:
     rec = record(kind, block_size, blocks, seed)
     assert sum(op.kind == "sync" for op in rec.log.ops) >= 20
     seen: set[bytes] = set()
@@ -68,6 +69,7 @@ def test_every_crash_point_recovers(kind: str, block_size: int, blocks: int, see
         by_model[state.model] = by_model.get(state.model, 0) + 1
     print(f"\ncrash replay {kind} bs={block_size}: {len(rec.log.ops)} ops, {generated} states, "
           f"{len(seen)} distinct replayed {by_model}")
+    crash_tally[f"{kind}-{block_size // 1024}k"] = len(seen)
     assert len(seen) >= MIN_POINTS_PER_WORKLOAD
     assert by_model.get("pagecache", 0) > 0 and by_model.get("drop-subset", 0) > 0
 
