@@ -11,7 +11,10 @@ have reached the disk in part.  Three models of that epoch:
   its content as of some moment in the epoch, and the file size is that of
   yet another moment: a page cache writing back dirty pages in any order and
   at any time, which never makes one write land before an earlier write to
-  the same page.
+  the same page;
+- ``torn``: as ``pagecache``, but each 512-byte sector on its own: a device
+  that writes a dirty page back in sector-sized pieces and loses power
+  half-way (sectors are the unit a disk writes atomically).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from vhdblkd.vhd.memfile import Op, apply
 
 PAGE = 4096
+SECTOR = 512
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,8 +36,9 @@ class CrashState:
     data: bytes
 
 
-def _page_versions(base: bytes, epoch: list[Op]) -> tuple[list[int], dict[int, list[tuple[int, bytes]]]]:
-    """File sizes after each epoch op (index 0 = before any) and, per touched page, its versions."""
+def _page_versions(base: bytes, epoch: list[Op], unit: int) -> tuple[list[int], dict[int, list[tuple[int, bytes]]]]:
+    """File sizes after each epoch op (index 0 = before any) and, per touched unit, its versions."""
+    PAGE = unit  # noqa: N806 - the unit of write-back, a page or a sector
     cur = bytearray(base)
     sizes = [len(cur)]
     versions: dict[int, list[tuple[int, bytes]]] = {}
@@ -55,8 +60,9 @@ def _page_versions(base: bytes, epoch: list[Op]) -> tuple[list[int], dict[int, l
     return sizes, versions
 
 
-def pagecache_state(base: bytes, epoch: list[Op], rng: random.Random) -> bytes:
-    sizes, versions = _page_versions(base, epoch)
+def pagecache_state(base: bytes, epoch: list[Op], rng: random.Random, unit: int = PAGE) -> bytes:
+    PAGE = unit  # noqa: N806 - the unit of write-back, a page or a sector
+    sizes, versions = _page_versions(base, epoch, unit)
     size = sizes[rng.randrange(len(sizes))]
     out = bytearray(base[:size])
     if len(out) < size:
@@ -76,7 +82,7 @@ def pagecache_state(base: bytes, epoch: list[Op], rng: random.Random) -> bytes:
 
 
 def crash_states(initial: bytes, ops: list[Op], rng: random.Random, *, subsets: int = 1,
-                 pagecache: int = 1, stride: int = 1) -> Iterator[CrashState]:
+                 pagecache: int = 1, torn: int = 0, stride: int = 1) -> Iterator[CrashState]:
     """Crash states for every `stride`-th prefix of `ops` (and always the last one)."""
     cur = bytearray(initial)
     durable = bytes(initial)
@@ -105,3 +111,5 @@ def crash_states(initial: bytes, ops: list[Op], rng: random.Random, *, subsets: 
                 yield CrashState(k, "drop-subset", bytes(data))
             for _ in range(pagecache):
                 yield CrashState(k, "pagecache", pagecache_state(durable, epoch, rng))
+            for _ in range(torn):
+                yield CrashState(k, "torn", pagecache_state(durable, epoch, rng, SECTOR))

@@ -59,7 +59,8 @@ def test_every_crash_point_recovers(kind: str, block_size: int, blocks: int, see
     seen: set[bytes] = set()
     by_model: dict[str, int] = {}
     generated = 0
-    for state in crash_states(rec.initial, rec.log.ops, random.Random(seed), subsets=1, pagecache=2):
+    for state in crash_states(rec.initial, rec.log.ops, random.Random(seed), subsets=1, pagecache=2,
+                               torn=1):
         generated += 1
         digest = hashlib.sha256(state.data).digest() + state.k.to_bytes(4, "big")
         if digest in seen:
@@ -71,7 +72,7 @@ def test_every_crash_point_recovers(kind: str, block_size: int, blocks: int, see
           f"{len(seen)} distinct replayed {by_model}")
     crash_tally[f"{kind}-{block_size // 1024}k"] = len(seen)
     assert len(seen) >= MIN_POINTS_PER_WORKLOAD
-    assert by_model.get("pagecache", 0) > 0 and by_model.get("drop-subset", 0) > 0
+    assert all(by_model.get(model, 0) > 0 for model in ("prefix", "drop-all", "drop-subset", "pagecache", "torn"))
 
 
 @pytest.mark.peers
