@@ -57,8 +57,10 @@ class LineDecoder:
 def decode_request(line: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolViolation(f"malformed request: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers over Python's digit limit;
+        # RecursionError, nesting deeper than the parser's stack: all are the client's fault.
+        raise ProtocolViolation(f"malformed request: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolViolation("malformed request: expected a JSON object")
     op = obj.get("op")
