@@ -580,7 +580,9 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
             "`nbdkit file` on the raw twin; psync = fio --ioengine=psync on the raw file (QD1, the ceiling). "
             "All over unix sockets, driven by fio --ioengine=nbd.",
             "qemu-nbd opens a differencing VHD as a dynamic one (its parent reads as zeros), so its "
-            "chain row does less work than ours."]
+            "chain row does less work than ours.",
+            "Single runs of one cell can differ by a factor of two on a small shared machine "
+            "(QD1 rows most); results.json keeps every run."]
     out += ["", "Targets:" if not md else "| target | measured | met |"]
     if md:
         out.append("|---|---:|:---:|")
