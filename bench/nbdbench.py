@@ -323,7 +323,6 @@ def make_chain(cfg: Config) -> Path:
 
 @dataclasses.dataclass
 class Row:
-    section: str
     key: str
     label: str
     runs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
@@ -377,7 +376,7 @@ def section_fixed(cfg: Config, rows: dict[str, Row], results: dict[str, object])
     raw, vhd = make_fixed_pair(cfg)
     servers = [s for s in SERVERS if s in cfg.servers]
     for job in FIXED_JOBS:
-        rows[f"fixed/{job.key}"] = Row("fixed", f"fixed/{job.key}", f"fixed {job.label}")
+        rows[f"fixed/{job.key}"] = Row(f"fixed/{job.key}", f"fixed {job.label}")
     for n in range(cfg.runs):
         for kind in servers:
             image = raw if kind == "nbdkit" else vhd
@@ -404,7 +403,7 @@ def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
     servers = [s for s in ("vhdblkd", "qemu-nbd") if s in cfg.servers]
     img = cfg.workdir / "alloc.vhd"
     for job in ALLOC_JOBS:
-        rows[f"alloc/{job.key}"] = Row("alloc", f"alloc/{job.key}", f"fresh dynamic {job.label}",
+        rows[f"alloc/{job.key}"] = Row(f"alloc/{job.key}", f"fresh dynamic {job.label}",
                                        note=f"{cfg.alloc_size // MiB} MiB image, recreated per run")
     for n in range(cfg.runs):
         for job in ALLOC_JOBS:
@@ -432,10 +431,10 @@ def section_read(cfg: Config, rows: dict[str, Row]) -> None:
     except (ImportError, RuntimeError) as exc:
         log(f"read: no differencing chain ({exc}); differencing rows skipped")
     for job in READ_JOBS:
-        rows[f"dyn/{job.key}"] = Row("read", f"dyn/{job.key}", f"half-alloc dynamic {job.label}")
+        rows[f"dyn/{job.key}"] = Row(f"dyn/{job.key}", f"half-alloc dynamic {job.label}")
     for job in READ_JOBS:
         rows[f"diff/{job.key}"] = Row(
-            "read", f"diff/{job.key}", f"2-level diff chain {job.label}",
+            f"diff/{job.key}", f"2-level diff chain {job.label}",
             note="qemu-nbd opens a differencing VHD as dynamic (parent reads as zeros)")
     for n in range(cfg.runs):
         for name, image in images.items():
@@ -536,7 +535,7 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
     return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
 
 
-def target_lines(rows: dict[str, Row], md: bool) -> list[tuple[str, float | None, bool | None]]:
+def target_lines(rows: dict[str, Row]) -> list[tuple[str, float | None, bool | None]]:
     out = []
     for t in TARGETS:
         v = ratio(rows, t.num, t.den)
@@ -586,7 +585,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
     out += ["", "Targets:" if not md else "| target | measured | met |"]
     if md:
         out.append("|---|---:|:---:|")
-    for label, v, ok in target_lines(rows, md):
+    for label, v, ok in target_lines(rows):
         mark = "n/a" if ok is None else ("yes" if ok else "NO")
         out.append(f"| {label} | {fmt_ratio(v)} | {mark} |" if md else f"  {label:62} {fmt_ratio(v):>8}  {mark}")
     mem = results.get("memory")
@@ -652,7 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "median": {c: r.median(c) for c in r.runs}, "ratio_vs": row_ratios(r)}
         for r in rows.values()
     ]
-    results["targets"] = [{"target": label, "ratio": v, "met": ok} for label, v, ok in target_lines(rows, False)]
+    results["targets"] = [{"target": label, "ratio": v, "met": ok} for label, v, ok in target_lines(rows)]
     cfg.outdir.mkdir(parents=True, exist_ok=True)
     (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (cfg.outdir / "RESULTS.md").write_text(render(cfg, rows, results, md=True))
