@@ -1,0 +1,88 @@
+"""merge and snapshot: fold a differencing child into its parent; start a new child.
+
+merge copies every sector the child's bitmaps mark present into the parent
+through the parent's own write path (crash-safe allocation, flushed at the
+end), so an interruption leaves the parent a valid image and the child
+untouched: running merge again writes the same sectors again and finishes.
+The child's expected parent timestamp is not checked: an interrupted merge
+has already changed the parent's mtime, and the child's sectors override
+whatever the parent holds there.  The unique id is checked.  Afterwards the
+child's header gets the parent's new timestamp, so the child (which now adds
+nothing to the parent) still opens; delete it or keep using it as a child.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from vhdblkd.errors import ParentError, UnsupportedImage
+from vhdblkd.vhd import bitmap as bits
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import parent as parent_mod
+from vhdblkd.vhd.base import vhd_mtime
+from vhdblkd.vhd.compact import Progress, _no_progress, maintain
+from vhdblkd.vhd.create import create_differencing
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.image import FileFactory, open_image
+from vhdblkd.vhd.layout import sectors_to_bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MergeResult:
+    child: str
+    parent: str
+    blocks_merged: int
+    bytes_merged: int
+
+
+def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
+          allow_unsafe_parent: bool = False, file_factory: FileFactory = ImageFile) -> MergeResult:
+    """Write the child's own sectors into its parent; the parent is then the live image."""
+    with maintain(child, lock=lock, file_factory=file_factory) as m:
+        lay = m.layout
+        assert lay.footer is not None
+        if lay.footer.disk_type != c.DISK_TYPE_DIFFERENCING or lay.header is None or lay.bat is None:
+            raise UnsupportedImage(f"{child}: only a differencing image can be merged into its parent")
+        header = lay.header
+        exists = getattr(file_factory, "exists", os.path.isfile)
+        parent_path = parent_mod.locate(m.file, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
+        spb = lay.block_size // c.SECTOR_SIZE
+        allocated = [(i, e) for i, e in enumerate(lay.bat) if e != c.BAT_UNUSED and i < lay.total_blocks]
+        copied = 0
+        with open_image(parent_path, read_only=False, lock=lock, allow_unsafe_parent=allow_unsafe_parent,
+                        file_factory=file_factory) as parent:
+            if parent.footer.unique_id != header.parent_unique_id:
+                raise ParentError(f"{child}: {parent_path} is not this child's parent (unique id differs); "
+                                  "nothing was merged")
+            limit = min(lay.virtual_size, parent.size)
+            for n, (block, entry) in enumerate(allocated):
+                progress(n, len(allocated))
+                base = sectors_to_bytes(entry)
+                bitmap = m.file.pread(base, lay.bitmap_size).ljust(lay.bitmap_size, b"\0")
+                for start, stop, present in bits.runs(bitmap, 0, spb):
+                    if not present:
+                        continue
+                    voff = block * lay.block_size + start * c.SECTOR_SIZE
+                    length = min((stop - start) * c.SECTOR_SIZE, limit - voff)
+                    if length <= 0:
+                        continue
+                    data = m.file.pread(base + lay.bitmap_size + start * c.SECTOR_SIZE, length)
+                    parent.write(voff, data.ljust(length, b"\0"))
+                    copied += length
+            parent.flush()
+            progress(len(allocated), len(allocated))
+        pf = file_factory(parent_path, False)
+        try:
+            stamp = vhd_mtime(pf.mtime())
+        finally:
+            pf.close()
+        if stamp != header.parent_timestamp:
+            m.file.pwrite(lay.footer.data_offset, header.replace(parent_timestamp=stamp).pack())
+            m.file.fdatasync()
+        return MergeResult(child, parent_path, len(allocated), copied)
+
+
+def snapshot(image: str, new: str, *, lock: bool = True, file_factory: FileFactory = ImageFile) -> None:
+    """Create `new` as an empty differencing child of `image` (which must then stay unchanged)."""
+    create_differencing(new, image, lock=lock, file_factory=file_factory)

@@ -1,0 +1,191 @@
+"""resize: change the virtual size of a fixed or dynamic image.
+
+Every step leaves a valid image holding the old data if it is interrupted:
+- fixed grow: the new footer goes at the new end first (the file is then a
+  valid larger image whose grown range still holds the old footer's bytes),
+  fdatasync, then those 512 bytes are zeroed;
+- fixed shrink: the new footer at the new end, fdatasync, truncate (a crash
+  in between leaves the old image with footer bytes in the cut-off range,
+  which was all zeros or given up with --yes);
+- dynamic grow: blocks lying where the larger BAT must go are copied to the
+  end (footer at the new end first, copy, fdatasync, repoint, fdatasync; the
+  old slot is a leak recovery would close), the BAT's new entries written,
+  fdatasync, and only then the header's max_table_entries;
+- dynamic shrink: blocks past the new end are dropped from the BAT (a leak
+  until the holes are closed as compact does), a block cut in the middle has
+  its cut-off part zeroed, and the footers say the new size last.
+A differencing image follows its parent's size (the engine refuses a child
+larger than its parent), so it is not resized here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vhdblkd.errors import UnsupportedImage
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.compact import Maintenance, Progress, _no_progress, maintain, write_bat_entry
+from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.geometry import size_for_create
+from vhdblkd.vhd.image import FileFactory, open_image
+from vhdblkd.vhd.layout import round_up_sector, sectors_to_bytes
+from vhdblkd.vhd.recovery import needs_repair, repair
+from vhdblkd.vhd.structs import Footer
+
+_CHUNK = 1024 * 1024
+
+
+class DataLoss(UnsupportedImage):
+    """Shrinking would cut off data; confirm with --yes."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResizeResult:
+    path: str
+    disk_type: str
+    old_size: int
+    new_size: int
+    blocks_moved: int
+    data_discarded: bool
+
+
+def new_footer(footer: Footer, size: int) -> Footer:
+    """The footer for `size`, rounded as the image's creator expects readers to read it."""
+    exact = footer.creator_application not in c.CREATORS_USING_CHS | {c.CREATOR_VHDBLKD}
+    size, geometry = size_for_create(size, exact=exact)
+    return footer.replace(current_size=size, original_size=size, cylinders=geometry.cylinders,
+                          heads=geometry.heads, sectors_per_track=geometry.sectors_per_track)
+
+
+def _range_has_data(m: Maintenance, start: int, end: int, progress: Progress) -> bool:
+    with m.reader() as image:
+        pos = start
+        while pos < end:
+            progress(pos - start, end - start)
+            n = min(_CHUNK, end - pos)
+            if any(image.read(pos, n)):
+                return True
+            pos += n
+    return False
+
+
+def resize(path: str, size: int, *, shrink: bool = False, discard_data: bool = False,
+           progress: Progress = _no_progress, lock: bool = True,
+           file_factory: FileFactory = ImageFile) -> ResizeResult:
+    """Grow (or with shrink=True shrink) the image to at least `size` bytes (rounded like create)."""
+    with maintain(path, lock=lock, file_factory=file_factory) as m:
+        lay = m.layout
+        assert lay.footer is not None
+        old_size = lay.virtual_size
+        footer = new_footer(lay.footer, size)
+        new_size = footer.current_size
+        kind = c.DISK_TYPE_NAMES.get(lay.footer.disk_type, "?")
+        if lay.footer.disk_type == c.DISK_TYPE_DIFFERENCING:
+            raise UnsupportedImage(f"{path}: a differencing image has its parent's size; merge it into the "
+                                   "parent and resize that, or resize the parent and take a new snapshot")
+        if new_size < old_size and not shrink:
+            raise UnsupportedImage(f"{path}: {new_size} bytes is smaller than the current {old_size}; "
+                                   "pass --shrink to cut the disk")
+        lost = False
+        if new_size < old_size:
+            lost = _range_has_data(m, new_size, old_size, progress)
+            if lost and not discard_data:
+                raise DataLoss(f"{path}: bytes {new_size}..{old_size} hold data that shrinking would destroy; "
+                               "pass --yes to confirm the loss")
+        moved = 0
+        if new_size == old_size and footer.cylinders == lay.footer.cylinders:
+            pass
+        elif lay.footer.disk_type == c.DISK_TYPE_FIXED:
+            _resize_fixed(m, old_size, footer)
+        elif new_size > old_size:
+            moved = _grow_dynamic(m, footer, progress)
+        else:
+            _shrink_dynamic(m, footer, lost)
+        progress(1, 1)
+        return ResizeResult(path, kind, old_size, new_size, moved, lost)
+
+
+def _resize_fixed(m: Maintenance, old_size: int, footer: Footer) -> None:
+    f = m.file
+    new_size = footer.current_size
+    f.pwrite(new_size, footer.pack())
+    f.fdatasync()
+    if new_size > old_size:
+        f.pwrite(old_size, bytes(c.FOOTER_SIZE))  # the old footer now lies inside the disk
+        f.truncate(new_size + c.FOOTER_SIZE)  # a stale tail past the old end (511-byte footers)
+    else:
+        f.truncate(new_size + c.FOOTER_SIZE)
+    f.fdatasync()
+
+
+def _write_footers(m: Maintenance, footer: Footer) -> None:
+    """Trailing footer first (the one readers trust), then the copy at offset 0."""
+    lay = m.rescan()
+    raw = footer.pack()
+    m.file.pwrite(lay.data_end, raw)
+    m.file.truncate(lay.data_end + c.FOOTER_SIZE)
+    m.file.fdatasync()
+    m.file.pwrite(0, raw)
+    m.file.fdatasync()
+
+
+def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
+    lay = m.layout
+    assert lay.header is not None and lay.bat is not None and lay.footer is not None
+    f = m.file
+    header = lay.header
+    entries = max(header.max_table_entries, -(-footer.current_size // lay.block_size))
+    bat_end = header.table_offset + round_up_sector(entries * c.BAT_ENTRY_SIZE)
+    others = [(off, ln) for off, ln, what in lay.metadata if what != "BAT" and off >= header.table_offset]
+    if any(off < bat_end for off, _ in others):
+        raise UnsupportedImage(f"{m.path}: other metadata follows the BAT at {header.table_offset}; "
+                               "the table cannot grow in place")
+    in_the_way = sorted((e, i) for i, e in enumerate(lay.bat)
+                        if e != c.BAT_UNUSED and sectors_to_bytes(e) < bat_end)
+    end = max(lay.data_end, bat_end)
+    old_footer = lay.footer.pack()
+    for n, (entry, block) in enumerate(in_the_way):
+        progress(n, len(in_the_way))
+        data = f.pread(sectors_to_bytes(entry), lay.stride)
+        f.pwrite(end + lay.stride, old_footer)  # the file stays valid; the new slot is orphan space
+        f.pwrite(end, data)
+        f.fdatasync()  # the copy is durable before the BAT points at it
+        write_bat_entry(m, block, end // c.SECTOR_SIZE)
+        f.fdatasync()
+        end += lay.stride
+    if end > lay.data_end and not in_the_way:
+        f.pwrite(end, old_footer)  # no block to move, but the table needs the room
+    old_table = header.table_offset + header.max_table_entries * c.BAT_ENTRY_SIZE
+    f.pwrite(old_table, b"\xff" * (bat_end - old_table))
+    f.fdatasync()  # the new entries read as unused before the header counts them
+    f.pwrite(footer.data_offset, header.replace(max_table_entries=entries).pack())
+    f.fdatasync()
+    _write_footers(m, footer)
+    return len(in_the_way)
+
+
+def _shrink_dynamic(m: Maintenance, footer: Footer, lost: bool) -> None:
+    lay = m.layout
+    assert lay.bat is not None
+    new_size = footer.current_size
+    bs = lay.block_size
+    if lost and new_size % bs:
+        # The block cut in the middle keeps its bytes past the new end; zero them so a later
+        # grow shows zeros there, as a grown disk must.
+        with open_image(m.path, read_only=False, lock=False, file_factory=m.file_factory) as image:
+            last = -(-new_size // bs) * bs
+            image.write_zeroes(new_size, min(last, image.size) - new_size, may_trim=False)
+        lay = m.rescan()
+    assert lay.bat is not None
+    keep = -(-new_size // bs)
+    dropped = False
+    for block in range(keep, len(lay.bat)):
+        if lay.bat[block] != c.BAT_UNUSED:
+            write_bat_entry(m, block, c.BAT_UNUSED)
+            dropped = True
+    if dropped:
+        m.file.fdatasync()
+    lay = m.rescan()
+    if needs_repair(lay):
+        m.layout = repair(m.file, lay)
+    _write_footers(m, footer)
