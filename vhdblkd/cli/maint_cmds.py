@@ -3,8 +3,9 @@
 Each works on an image no one else has open read-write (the image's flock;
 the refusal names the holder) and leaves a valid image if interrupted.
 
-Exit codes: 0 success; 1 the operation failed or was refused (locked,
-shrinking would lose data without --yes, wrong image type); 2 bad usage.
+Exit codes: 0 success; 1 the operation failed or was refused (missing or
+locked image, shrinking would lose data without --yes, wrong image type);
+2 bad usage.
 --json prints one object with the keys listed in each command's help.
 """
 
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from ..vhd import compact as vhd_compact
 from ..vhd import merge as vhd_merge
 from ..vhd import resize as vhd_resize
+from .image_cmds import _guard  # the image commands' one policy for error lines and exit codes
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, parse_size
 
@@ -111,6 +113,10 @@ def _print(args: argparse.Namespace, result: dict[str, object], text: Callable[[
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
+    return _guard(args.image, lambda: _compact(args))
+
+
+def _compact(args: argparse.Namespace) -> int:
     with _quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("compact") as bar:
         r = vhd_compact.compact(args.image, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
     result: dict[str, object] = {
@@ -123,6 +129,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    return _guard(args.image, lambda: _resize(args))
+
+
+def _resize(args: argparse.Namespace) -> int:
     with _quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("resize") as bar:
         r = vhd_resize.resize(args.image, args.size, shrink=args.shrink, discard_data=args.yes, progress=bar)
     result: dict[str, object] = {
@@ -135,6 +145,10 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    return _guard(args.new, lambda: _snapshot(args))
+
+
+def _snapshot(args: argparse.Namespace) -> int:
     vhd_merge.snapshot(args.image, args.new)
     result: dict[str, object] = {"image": args.image, "snapshot": args.new, "read_only_parent": True}
     _print(args, result, lambda: (
@@ -144,6 +158,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    return _guard(args.child, lambda: _merge(args))
+
+
+def _merge(args: argparse.Namespace) -> int:
     with ProgressBar("merge") as bar:
         r = vhd_merge.merge(args.child, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
     if args.remove:
