@@ -12,6 +12,7 @@ from tests.vhd.test_compact import assert_recovers, crash_states, fill, read_all
 from vhdblkd.errors import ImageLocked, UnsupportedImage
 from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
+from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.memfile import MemoryDisk, MemoryFileFactory
 from vhdblkd.vhd.resize import DataLoss, resize
@@ -136,10 +137,31 @@ def test_every_crash_point_of_a_dynamic_grow_recovers() -> None:
     for ops in crash_states(disk.ops):
         state = disk.replay(ops)
         # Old size or new: either way the first megabyte is the model and the rest zeros.
-        from vhdblkd.vhd.image import open_image
-
         probe = MemoryFileFactory({path: MemoryDisk(state)})
         with open_image(path, read_only=True, lock=False, file_factory=probe) as image:
             size = image.size
         assert size in (M, 40 * M)
         assert_recovers(disks, path, state, bytes(model) + bytes(size - M))
+
+
+def test_every_crash_point_of_a_dynamic_shrink_recovers() -> None:
+    disks: dict[str, MemoryDisk] = {}
+    factory = MemoryFileFactory(disks)
+    path = "/mem/d.vhd"
+    create_dynamic(path, 2 * M, block_size=BS, exact_size=True, file_factory=factory)
+    model = bytearray(2 * M)
+    # Blocks past the cut are allocated but hold zeros: no --yes needed, nothing may be lost.
+    fill(path, model, [(0, b"\x01" * BS), (20 * BS, bytes(BS)), (2 * BS, b"\x02" * 512), (25 * BS, bytes(BS)),
+                       (3 * BS, b"\x03" * BS)], lock=False, file_factory=factory)
+    disk = MemoryDisk(bytes(disks[path].data))
+    disks[path] = disk
+    resize(path, 5 * BS, shrink=True, lock=False, file_factory=factory)
+    states = crash_states(disk.ops)
+    assert len(states) > 5
+    for ops in states:
+        state = disk.replay(ops)
+        probe = MemoryFileFactory({path: MemoryDisk(state)})
+        with open_image(path, read_only=True, lock=False, file_factory=probe) as image:
+            size = image.size
+        assert size in (5 * BS, 2 * M)
+        assert_recovers(disks, path, state, bytes(model[:size]))
