@@ -119,7 +119,7 @@ def _size_arg(text: str) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    return _guard(args.image, lambda: _create(args))
+    return guard(args.image, lambda: _create(args))
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -183,7 +183,7 @@ def _remove_quietly(path: Path) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    return _guard(args.image, lambda: _info(args), open_failure=EXIT_UNUSABLE)
+    return guard(args.image, lambda: _info(args), open_failure=EXIT_UNUSABLE)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -267,7 +267,7 @@ def _print_json(value: object) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    return _guard(args.image, lambda: _check(args), open_failure=EXIT_UNUSABLE)
+    return guard(args.image, lambda: _check(args), open_failure=EXIT_UNUSABLE)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -307,7 +307,7 @@ def _problem_json(problem: vhd_check.Problem) -> dict[str, object]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     # Errors may concern either file; both names are known to the guard.
-    return _guard(f"{args.src}\0{args.dst}", lambda: _convert(args))
+    return guard(f"{args.src}\0{args.dst}", lambda: _convert(args))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -331,7 +331,7 @@ def _convert(args: argparse.Namespace) -> int:
 # --- errors -------------------------------------------------------------------
 
 
-def _guard(path: str, action: Callable[[], int], *, open_failure: int = EXIT_FAILED) -> int:
+def guard(path: str, action: Callable[[], int], *, open_failure: int = EXIT_FAILED) -> int:
     """Run a command; turn expected failures into one stderr line and an exit code.
 
     `path` is the file the command is about (for convert: "SRC\\0DST").

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from ..vhd import compact as vhd_compact
 from ..vhd import merge as vhd_merge
 from ..vhd import resize as vhd_resize
-from .image_cmds import _guard  # the image commands' one policy for error lines and exit codes
+from .image_cmds import guard  # the image commands' one policy for error lines and exit codes
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, parse_size
 
@@ -113,7 +113,7 @@ def _print(args: argparse.Namespace, result: dict[str, object], text: Callable[[
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    return _guard(args.image, lambda: _compact(args))
+    return guard(args.image, lambda: _compact(args))
 
 
 def _compact(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    return _guard(args.image, lambda: _resize(args))
+    return guard(args.image, lambda: _resize(args))
 
 
 def _resize(args: argparse.Namespace) -> int:
@@ -145,7 +145,7 @@ def _resize(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    return _guard(args.new, lambda: _snapshot(args))
+    return guard(args.new, lambda: _snapshot(args))
 
 
 def _snapshot(args: argparse.Namespace) -> int:
@@ -158,7 +158,7 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    return _guard(args.child, lambda: _merge(args))
+    return guard(args.child, lambda: _merge(args))
 
 
 def _merge(args: argparse.Namespace) -> int:
