@@ -61,9 +61,7 @@ def test_every_seed_opens_and_survives_a_read_write_session(index: int) -> None:
 
 
 # Regression inputs of bugs not fixed yet: name -> reason (the test is a strict xfail until then).
-OPEN_BUGS = {
-    "locator-offset-past-eof.bin": "parent.py _locator_text reads locator data past the end of the file",
-}
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _regression(path: Path) -> object:
@@ -78,9 +76,6 @@ def test_regression_inputs(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     vhdfuzz.run(path.read_bytes())
 
 
-@pytest.mark.xfail(strict=True, reason="vhd/parent.py:_locator_text (line 33) preads platform_data_offset unchecked: it reads past the end "
-                   "of the file, and "
-                   "an offset >= 2**63 raises OverflowError out of open_image and check_image")
 @pytest.mark.parametrize("offset", [1 << 63, (1 << 64) - 512, 1 << 40])
 def test_locator_offset_past_the_file_is_a_typed_error(tmp_path: Path, offset: int) -> None:
     from vhdblkd.errors import VhdblkError

@@ -30,6 +30,10 @@ def _locator_text(f: ImageFile, header: DynamicHeader, code: bytes) -> str | Non
         length = loc.platform_data_length
         if length <= 0 or length > MAX_LOCATOR_LENGTH:
             continue
+        if loc.platform_data_offset + length > f.size():
+            # A locator pointing outside the file is damage, not a path: check() reports it,
+            # and the next candidate (the other locator, the parent name) may still be good.
+            continue
         raw = f.pread(loc.platform_data_offset, length)
         if len(raw) != length:
             continue
