@@ -207,8 +207,6 @@ def test_every_pwrite_and_fdatasync_may_fail(tmp_path: Path, kind: str) -> None:
     print(f"\n{kind}: {len(cases)} injected faults; not clean before reopen: {unclean}")
 
 
-@pytest.mark.xfail(strict=True, reason="DynamicImage._allocate leaves the footer it wrote at the new end when the "
-                   "bitmap write after it fails; a clean close then leaves a torn allocation that check reports")
 def test_failed_bitmap_write_of_an_allocation_leaves_a_clean_file_after_close(tmp_path: Path) -> None:
     path = make_image(tmp_path, "dynamic")
     faults = FaultFactory()

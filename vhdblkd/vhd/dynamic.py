@@ -234,12 +234,19 @@ class DynamicImage(VhdImage):
         except BaseException:
             self._file.truncate(offset + c.FOOTER_SIZE)
             raise
-        if self.parent is None:
-            self._pwrite(offset, self._full_bitmap)
-            self._bitmaps[block] = None
-        else:
-            self._pwrite(offset, bytes(self._bms))
-            self._bitmaps[block] = bytearray(self._bms)
+        bitmap = self._full_bitmap if self.parent is None else bytes(self._bms)
+        try:
+            self._pwrite(offset, bitmap)
+        except BaseException:
+            # The bitmap goes where the old footer was: put the footer back and drop the
+            # half-made block, so even a clean close leaves no torn allocation behind.
+            try:
+                self._pwrite(offset, self._footer_bytes)
+                self._file.truncate(offset + c.FOOTER_SIZE)
+            except OSError:
+                pass  # the original error is what the caller must see; the next rw open repairs the tail
+            raise
+        self._bitmaps[block] = None if self.parent is None else bytearray(self._bms)
         self._end = new_end
         entry = offset // c.SECTOR_SIZE
         self._bat[block] = entry
