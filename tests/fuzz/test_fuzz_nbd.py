@@ -129,9 +129,6 @@ def test_split_feeding_finds_disagreement() -> None:
     assert len(first) < len(whole[0])
 
 
-@pytest.mark.xfail(strict=True, reason="RequestDecoder.feed raises on a bad header and drops the requests it completed "
-                   "earlier in the same call; they should be returned (the error deferred to the next feed) or carried "
-                   "by the exception, so a server can still answer them")
 def test_requests_before_an_error_are_not_lost() -> None:
     from vhdblkd.errors import RemoteProtocolError
     from vhdblkd.nbd.codec import Request, RequestDecoder
@@ -150,8 +147,6 @@ def test_requests_before_an_error_are_not_lost() -> None:
         dec.feed(b"")
 
 
-@pytest.mark.xfail(strict=True, reason="ServerHandshake drops bytes that follow NBD_OPT_ABORT in the same feed() but "
-                   "raises RemoteProtocolError for bytes after ABORT fed later: the outcome depends on chunking")
 def test_bytes_after_abort_are_treated_alike() -> None:
     from vhdblkd.nbd.handshake import ServerHandshake
 

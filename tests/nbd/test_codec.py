@@ -105,9 +105,11 @@ def test_disc_then_eof() -> None:
 def test_data_after_disc_is_an_error() -> None:
     dec = RequestDecoder()
     raw = Request(c.NBD_CMD_DISC, 0, 1, 0, 0).pack() + Request(c.NBD_CMD_READ, 0, 2, 0, 1).pack()
-    with pytest.raises(RemoteProtocolError, match="DISCONNECTED"):
-        dec.feed(raw)
+    # The DISC completed before the violation, so it is returned and the error comes next.
+    assert dec.feed(raw) == [Request(c.NBD_CMD_DISC, 0, 1, 0, 0)]
     assert dec.state is State.ERROR
+    with pytest.raises(RemoteProtocolError, match="DISCONNECTED"):
+        dec.feed(b"")
 
 
 def test_bad_magic() -> None:
@@ -222,3 +224,22 @@ def test_reply_rejects_bad_values() -> None:
         decode_reply(bytes(16))
     with pytest.raises(RemoteProtocolError, match="truncated"):
         decode_reply(bytes(15))
+
+
+def test_requests_before_a_bad_header_are_returned_and_the_error_follows() -> None:
+    good = [Request(c.NBD_CMD_READ, 0, 1, 0, 512), Request(c.NBD_CMD_WRITE, 0, 2, 0, 3, b"abc")]
+    bad = struct.pack(">IHHQQI", 0xDEADBEEF, 0, c.NBD_CMD_READ, 3, 0, 512)
+    dec = RequestDecoder()
+    assert dec.feed(b"".join(r.pack() for r in good) + bad) == good
+    assert dec.state is State.ERROR
+    with pytest.raises(RemoteProtocolError, match="bad request magic"):
+        dec.feed(b"")
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        dec.feed(b"x")
+
+
+def test_a_bad_header_alone_raises_at_once() -> None:
+    dec = RequestDecoder()
+    with pytest.raises(RemoteProtocolError, match="bad request magic"):
+        dec.feed(bytes(c.NBD_REQUEST_SIZE))
+    assert dec.state is State.ERROR

@@ -224,3 +224,25 @@ def test_export_info_validates() -> None:
 
 def test_transition_table_has_no_exit_from_terminal_states() -> None:
     assert not any(s in (State.TRANSMISSION, State.CLOSED, State.ERROR) for s, _ in TRANSITIONS)
+
+
+def test_replies_before_an_error_are_returned_and_the_error_follows() -> None:
+    hs = negotiated()
+    bad = struct.pack(">QII", 0x1234, c.NBD_OPT_LIST, 0)
+    assert replies(hs.feed(option(c.NBD_OPT_LIST) + bad))[-1] == (c.NBD_OPT_LIST, c.NBD_REP_ACK, b"")
+    assert hs.state is State.ERROR
+    with pytest.raises(RemoteProtocolError, match="bad option magic"):
+        hs.feed(b"")
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        hs.feed(b"")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_bytes_after_abort_are_moot_however_chunked(split: bool) -> None:
+    hs = negotiated()
+    chunks = [option(c.NBD_OPT_ABORT), option(c.NBD_OPT_LIST)]
+    if not split:
+        chunks = [b"".join(chunks)]
+    out = b"".join(hs.feed(chunk) for chunk in chunks)
+    assert replies(out) == [(c.NBD_OPT_ABORT, c.NBD_REP_ACK, b"")]
+    assert hs.state is State.ABORTED

@@ -159,6 +159,7 @@ class RequestDecoder:
         self.state = State.HEADER
         self._buffer = bytearray()
         self._pending: tuple[int, int, int, int, int] | None = None  # header of a WRITE awaiting its payload
+        self._error: RemoteProtocolError | None = None  # deferred so requests completed before it are returned
 
     def _transition(self, event: Event) -> None:
         try:
@@ -168,16 +169,29 @@ class RequestDecoder:
             raise RemoteProtocolError(f"{event.value} is not allowed in state {state.name} ({state.value})") from None
 
     def feed(self, data: Buffer) -> list[Request]:
-        """Buffer `data` (``b""`` = end of stream); return the requests it completed."""
-        if self.state is State.ERROR:
-            raise RemoteProtocolError("the request stream already failed; no further input is accepted")
-        try:
-            return self._feed(data)
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
+        """Buffer `data` (``b""`` = end of stream); return the requests it completed.
 
-    def _feed(self, data: Buffer) -> list[Request]:
+        A protocol error found after some requests completed in the same call
+        is raised by the next call instead (as h11 does), so the caller can
+        still answer the requests that preceded it; the state is `ERROR`
+        from the moment it is found.
+        """
+        if self.state is State.ERROR:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
+            raise RemoteProtocolError("the request stream already failed; no further input is accepted")
+        out: list[Request] = []
+        try:
+            self._feed(data, out)
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            if not out:
+                raise
+            self._error = exc
+        return out
+
+    def _feed(self, data: Buffer, out: list[Request]) -> None:
         if not data:
             if self._buffer or self.state is State.PAYLOAD:
                 need = NBD_REQUEST_SIZE if self._pending is None else self._pending[4]
@@ -185,10 +199,9 @@ class RequestDecoder:
                     f"stream ended inside a request: {len(self._buffer)} of {need} bytes received ({self.state.name})"
                 )
             self._transition(Event.EOF)
-            return []
+            return
         self._transition(Event.DATA)
         self._buffer += data
-        out: list[Request] = []
         while True:
             if self._pending is not None:
                 type_, flags, cookie, offset, length = self._pending
@@ -217,4 +230,3 @@ class RequestDecoder:
             self._transition(Event.DATA)
         if len(self._buffer) > MAX_INCOMPLETE_SIZE:  # unreachable while check_header caps payloads; kept as a guard
             raise RemoteProtocolError(f"{len(self._buffer)} bytes buffered without completing a request")
-        return out

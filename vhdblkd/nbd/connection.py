@@ -116,6 +116,8 @@ def _negotiate(sock: socket.socket, export: Export) -> bool:
         out = hs.feed(sock.recv(hs.next_read_size))
         if out:
             sock.sendall(out)
+    if hs.state is HandshakeState.ERROR:
+        hs.feed(b"")  # raises the error that was deferred behind replies already sent
     return hs.state is HandshakeState.TRANSMISSION
 
 

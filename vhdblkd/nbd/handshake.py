@@ -131,6 +131,7 @@ class ServerHandshake:
         self.export: ExportInfo | None = None
         self.trailing_data = b""
         self._buffer = bytearray()
+        self._error: RemoteProtocolError | None = None  # deferred so replies produced before it are returned
 
     @staticmethod
     def greeting() -> bytes:
@@ -159,28 +160,41 @@ class ServerHandshake:
             raise RemoteProtocolError(f"{event.value} is not allowed in handshake state {state.name}") from None
 
     def feed(self, data: Buffer) -> bytes:
-        """Buffer client bytes (``b""`` = end of stream); return what the server must send."""
-        if self.state is State.ERROR:
-            raise RemoteProtocolError("the handshake already failed; no further input is accepted")
-        try:
-            return self._feed(data)
-        except RemoteProtocolError:
-            self.state = State.ERROR
-            raise
+        """Buffer client bytes (``b""`` = end of stream); return what the server must send.
 
-    def _feed(self, data: Buffer) -> bytes:
+        A protocol error found after replies were produced in the same call is
+        raised by the next call instead (as h11 does), so those replies can
+        still be sent; the state is `ERROR` from the moment it is found.
+        """
+        if self.state is State.ERROR:
+            error, self._error = self._error, None
+            if error is not None:
+                raise error
+            raise RemoteProtocolError("the handshake already failed; no further input is accepted")
+        out = bytearray()
+        try:
+            self._feed(data, out)
+        except RemoteProtocolError as exc:
+            self.state = State.ERROR
+            if not out:
+                raise
+            self._error = exc
+        return bytes(out)
+
+    def _feed(self, data: Buffer, out: bytearray) -> None:
         if not data:
             if self._buffer and self.state in (State.CLIENT_FLAGS, State.OPTIONS):
                 raise RemoteProtocolError(f"stream ended inside a handshake message ({len(self._buffer)} bytes)")
             self._transition(Event.EOF)
-            return b""
+            return
         if self.state is State.TRANSMISSION:
             self.trailing_data += bytes(data)
-            return b""
+            return
+        if self.state is State.ABORTED:
+            return  # the client must hang up after ABORT; whatever follows it is moot, however it is chunked
         if self.state is not State.CLIENT_FLAGS and self.state is not State.OPTIONS:
             raise RemoteProtocolError(f"client sent data in handshake state {self.state.name}")
         self._buffer += data
-        out = bytearray()
         while self.state in (State.CLIENT_FLAGS, State.OPTIONS):
             if self.state is State.CLIENT_FLAGS:
                 if len(self._buffer) < CLIENT_FLAGS.size:
@@ -211,7 +225,6 @@ class ServerHandshake:
             self._buffer.clear()
         elif ended is State.ABORTED:
             self._buffer.clear()  # the client must hang up; whatever followed ABORT is moot
-        return bytes(out)
 
     def _option(self, option: int, data: bytes) -> bytes:
         if option == NBD_OPT_EXPORT_NAME:
