@@ -21,17 +21,24 @@ of the file.  Rather than ordering BAT writes with extra syncs, recovery on
 the next read-write open relocates tail blocks into such holes (copy,
 fdatasync, repoint the BAT entry, fdatasync) and truncates; see recovery.py.
 
-Discard never frees a block in the middle of the file (check would rightly
-call the freed slot a leak, and reusing it would need its own crash-safe
-protocol).  On a dynamic disk the discarded range is punched out of the
-data (QEMU ignores bitmaps, so the data itself must read as zeros); on a
-differencing disk it is zeroed and its bits set, so the parent never shows
-through.  Wholly discarded blocks that end the file are freed and the file
+Discard of a whole block on a dynamic disk frees it: the data is punched out
+(QEMU ignores bitmaps, so the data itself must read as zeros) and the BAT
+entry becomes unused, durable at the next flush.  The freed slot is never
+reused while the image is open (allocation only appends), so nothing can point
+at it again before the BAT change is durable; reusing slots in place would
+need its own crash-safe protocol and would make check unable to tell free
+space from a leak.  At close(), after a flush, the gaps are closed with the
+same crash-safe relocation recovery uses, so the file stays compact and check
+clean; after a crash the next read-write open does it.  Partial discards punch
+the range out and keep the block.  On a differencing disk a discarded range is
+zeroed and its bits set, so the parent never shows through; such blocks cannot
+be freed.  Wholly empty blocks that end the file are freed and the file
 truncated at close().
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from array import array
@@ -41,8 +48,11 @@ from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.fileio import ImageFile
-from vhdblkd.vhd.layout import Layout, sectors_to_bytes
+from vhdblkd.vhd.layout import Layout, scan, sectors_to_bytes
 from vhdblkd.vhd.lock import ImageLock
+from vhdblkd.vhd.recovery import needs_repair, repair
+
+log = logging.getLogger(__name__)
 
 _UNUSED = c.BAT_UNUSED
 _ENTRIES_PER_SECTOR = c.SECTOR_SIZE // c.BAT_ENTRY_SIZE
@@ -69,7 +79,7 @@ class DynamicImage(VhdImage):
         self._bitmaps: dict[int, bytearray | None] = {}
         self._dirty_bat: set[int] = set()
         self._dirty_bitmaps: set[int] = set()
-        self._trimmed: set[int] = set()  # wholly discarded blocks of a dynamic disk
+        self._freed_slots = 0  # blocks given back by discard since open: gaps to close at close()
         self._end = layout.data_end  # where the trailing footer sits (after recovery)
         self._meta = threading.RLock()
         self._flush_lock = threading.Lock()
@@ -189,8 +199,6 @@ class DynamicImage(VhdImage):
                 entry = self._allocate(block)
             bm = self._bitmap(block, entry)
             base = sectors_to_bytes(entry) + self._bms
-            if self._trimmed:
-                self._trimmed.discard(block)
             if bm is None:
                 self._pwrite(base + in_block, chunk)
                 return
@@ -287,11 +295,8 @@ class DynamicImage(VhdImage):
             self._file.punch_hole(sectors_to_bytes(entry) + self._bms + in_block, n)
             if whole:
                 with self._meta:
-                    # Remember the empty block (close() frees it if it ends the file) and keep its
-                    # writes on the locked path, which forgets it again.
-                    self._trimmed.add(block)
-                    if self._bitmap(block, entry) is None:
-                        self._bitmaps[block] = bytearray(self._full_bitmap)
+                    if self._bat[block] == entry:
+                        self._free_block(block)
             return
         if whole:
             with self._meta:
@@ -354,6 +359,22 @@ class DynamicImage(VhdImage):
                 self._dirty_bitmaps |= dirty_bitmaps
             raise
 
+    def _free_block(self, block: int) -> None:
+        """Give a wholly discarded block back (caller holds the lock).
+
+        The BAT entry reaches the disk at the next flush.  The slot is never reused
+        while this file is open (allocation only appends), so nothing can reference
+        it again before the BAT forgets it durably; until close() closes the gap it
+        is plain leaked space, which a read-write open after a crash relocates away
+        just like the leak a torn flush leaves.
+        """
+        self._bat[block] = _UNUSED
+        self._dirty_bat.add(block // _ENTRIES_PER_SECTOR)
+        self._dirty_bitmaps.discard(block)
+        self._bitmaps.pop(block, None)
+        self._allocated -= 1
+        self._freed_slots += 1
+
     def _on_close_writable(self) -> None:
         """Free trailing blocks that hold nothing (all bits clear) and shrink the file."""
         with self._flush_lock, self._meta:
@@ -365,9 +386,8 @@ class DynamicImage(VhdImage):
                 except ValueError:
                     break
                 bm = self._bitmap(block, entry)
-                if block not in self._trimmed and (bm is None or not bits.none_set(bm, self._spb)):
+                if bm is None or not bits.none_set(bm, self._spb):
                     break
-                self._trimmed.discard(block)
                 self._bat[block] = _UNUSED
                 self._dirty_bat.add(block // _ENTRIES_PER_SECTOR)
                 self._dirty_bitmaps.discard(block)
@@ -381,6 +401,20 @@ class DynamicImage(VhdImage):
                 self._pwrite(self._end, self._footer_bytes)
                 self._file.truncate(self._end + c.FOOTER_SIZE)
                 self._file.fdatasync()
+            if self._freed_slots:
+                # Discarded blocks left gaps: move the last blocks into them and truncate, with
+                # the crash-safe steps a read-write open uses for leaked space.
+                self._flush_locked()
+                self._freed_slots = 0
+                try:
+                    lay = scan(self._file, self.path)
+                    if needs_repair(lay):
+                        repair(self._file, lay)
+                except OSError as exc:
+                    # Every write is durable already; the gaps are only wasted space, and each
+                    # step above leaves a valid file, which the next read-write open tidies.
+                    log.warning("%s: could not close the gaps discarded blocks left (%s); "
+                                "the next read-write open will", self.path, exc)
 
 
 class DifferencingImage(DynamicImage):
