@@ -26,9 +26,6 @@ from typing import Protocol
 from ..errors import VhdblkError
 from ..vhd import create as vhd_create
 from ..vhd import image as vhd_image
-from ..vhd.constants import BAT_UNUSED
-from ..vhd.fileio import ImageFile
-from ..vhd.layout import scan
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -150,56 +147,10 @@ class VhdSource:
         return self.image.read(offset, length)
 
     def data_extents(self) -> Iterator[tuple[int, int]]:
-        return vhd_data_extents(self.image)
+        return self.image.data_extents()
 
     def close(self) -> None:
         self.image.close()
-
-
-def vhd_data_extents(image: vhd_image.VhdImage) -> Iterator[tuple[int, int]]:
-    """Ranges of `image` that may hold data: allocated blocks of it or of any of its parents."""
-    if image.disk_type == "fixed":
-        yield 0, image.size
-        return
-    chain: list[vhd_image.VhdImage] = []
-    layer: vhd_image.VhdImage | None = image
-    while layer is not None:
-        if layer.disk_type == "fixed":  # a fixed parent has data everywhere
-            yield 0, image.size
-            return
-        chain.append(layer)
-        layer = layer.parent
-    block_indexes: set[int] = set()
-    block_size = image.block_size
-    assert block_size is not None  # set for every dynamic and differencing image
-    for layer in chain:
-        if layer.block_size != block_size:  # unusual chain: be correct rather than clever
-            yield 0, image.size
-            return
-        block_indexes.update(allocated_block_indexes(layer))
-    for block_index in sorted(block_indexes):
-        offset = block_index * block_size
-        if offset < image.size:
-            yield offset, min(block_size, image.size - offset)
-
-
-def allocated_block_indexes(image: vhd_image.VhdImage) -> list[int]:
-    """Indexes of the blocks `image`'s own BAT points at (its parents not included).
-
-    The open image exposes only a count, so the BAT is read again through the
-    format layer's scanner; the image is open (and locked) read-only, so the
-    file cannot change in between.
-    """
-    f = ImageFile(image.path, False)
-    try:
-        layout = scan(f, image.path)
-    finally:
-        f.close()
-    if layout.fatal is not None:
-        raise layout.fatal
-    if layout.bat is None:  # cannot happen for a dynamic image; be safe, not fast
-        return list(range(image.total_blocks))
-    return [block_index for block_index, entry in enumerate(layout.bat) if entry != BAT_UNUSED]
 
 
 def open_source(path: Path, *, allow_unsafe_parent: bool = False) -> Source:

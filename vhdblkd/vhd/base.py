@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import threading
 import uuid
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -90,6 +91,47 @@ class VhdImage:
     @property
     def total_blocks(self) -> int:
         return 0
+
+    def allocated_block_indexes(self) -> list[int]:
+        """Indexes of the blocks this file's own BAT points at (parents not included).
+
+        A fixed image has no blocks: all of its data is in the file.
+        """
+        return []
+
+    def data_extents(self) -> Iterator[tuple[int, int]]:
+        """(offset, length) ranges, ascending and merged, that may hold data, through the chain.
+
+        Everything outside them reads as zeros.  A fixed layer anywhere in the chain, or
+        layers of different block sizes, give the whole disk (correct rather than clever).
+        """
+        chain: list[VhdImage] = []
+        layer: VhdImage | None = self
+        while layer is not None:
+            if layer.disk_type == "fixed" or layer.block_size != self.block_size:
+                yield 0, self.size
+                return
+            chain.append(layer)
+            layer = layer.parent
+        bs = self.block_size
+        assert bs is not None  # set for every dynamic and differencing image
+        indexes: set[int] = set()
+        for layer in chain:
+            indexes.update(layer.allocated_block_indexes())
+        start = length = 0
+        for index in sorted(indexes):
+            offset = index * bs
+            if offset >= self.size:
+                break
+            n = min(bs, self.size - offset)
+            if length and start + length == offset:
+                length += n
+                continue
+            if length:
+                yield start, length
+            start, length = offset, n
+        if length:
+            yield start, length
 
     def _check_writable(self) -> None:
         if self._read_only:

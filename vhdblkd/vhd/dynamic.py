@@ -98,6 +98,11 @@ class DynamicImage(VhdImage):
     def total_blocks(self) -> int:
         return self._total_blocks
 
+    def allocated_block_indexes(self) -> list[int]:
+        with self._meta:
+            bat = self._bat
+            return [i for i in range(len(bat)) if bat[i] != _UNUSED]
+
     # --- reads ----------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> Buffer:
