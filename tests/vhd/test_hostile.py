@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from vhdblkd.errors import CorruptImage, UnsupportedImage, VhdError
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.check import check_image
-from vhdblkd.vhd.create import create_dynamic, create_fixed
+from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
 from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.structs import DynamicHeader, Footer
 
@@ -293,3 +294,24 @@ def test_dynamic_511_byte_footer_is_fixed_on_rw_open(tmp_path: Path) -> None:
     with open_image(str(path)) as image:
         assert bytes(image.read(100, 5)) == b"data0"
     assert path.read_bytes() == raw
+
+
+def test_locators_pointing_past_the_file_are_skipped_for_the_next_candidate(tmp_path: Path) -> None:
+    parent = make_dynamic(tmp_path, 1)
+    child = tmp_path / "child.vhd"
+    create_differencing(str(child), str(parent))
+    raw = child.read_bytes()
+    header = DynamicHeader.unpack(raw, HEADER_AT)
+    far = 2**64 - 4096  # os.pread cannot even be asked for this offset
+    locators = tuple(dataclasses.replace(loc, platform_data_offset=far) if loc.used else loc
+                     for loc in header.parent_locators)
+    assert any(loc.used for loc in locators)
+    patch_header(child, parent_locators=locators)
+    before = digest(child)
+    # Every locator is bad: the parent is still found by the name in the header, beside the child.
+    with open_image(str(child), read_only=True) as image:
+        assert image.parent is not None and image.parent.path == str(parent)
+        assert bytes(image.read(100, 5)) == b"data0"
+    report = check_image(str(child))
+    assert "locator" in [p.code for p in report.problems]
+    assert digest(child) == before
