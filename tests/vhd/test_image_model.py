@@ -124,6 +124,26 @@ class _ImageMachine(RuleBasedStateMachine):
         self.model[start:end] = bytes(end - start)
 
     @precondition(lambda self: self.image is not None)
+    @rule(data=st.data())
+    def discard_one_whole_block(self, data: st.DataObject) -> None:
+        """Any whole block, often in the middle: a dynamic image frees it, a child keeps it."""
+        assert self.image is not None
+        bs = self.block_size
+        size = len(self.model)
+        if size < bs:
+            return
+        block = data.draw(st.integers(0, size // bs - 1), label="block")
+        had = block in self.image.allocated_block_indexes()
+        before = self.image.allocated_blocks
+        self.image.discard(block * bs, bs)
+        self.model[block * bs : (block + 1) * bs] = bytes(bs)
+        if self.image.parent is None:
+            assert block not in self.image.allocated_block_indexes()
+            assert self.image.allocated_blocks == before - had
+        else:
+            assert block in self.image.allocated_block_indexes()
+
+    @precondition(lambda self: self.image is not None)
     @rule()
     def flush(self) -> None:
         assert self.image is not None
