@@ -408,3 +408,32 @@ def test_stats_count_requests() -> None:
     ours.close()
     theirs.close()
     assert export.stats == live
+
+
+def test_pipelined_write_replies_all_arrive_in_batches_and_alone() -> None:
+    # More writes than one batch of held replies, sent in one go, then one write that must be
+    # answered with nothing behind it (the server sends held replies before it waits for input).
+    backend = RecordingBackend()
+    with serving(backend) as (client, _):
+        raw = b"".join(
+            struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_WRITE, 1000 + i, i * 512, 512) + bytes([i]) * 512
+            for i in range(100)
+        )
+        client.sock.sendall(raw)
+        cookies = sorted(client.reply()[:2] for _ in range(100))
+        assert cookies == [(1000 + i, 0) for i in range(100)]
+        assert client.call(c.NBD_CMD_WRITE, 0, data=b"z") == (0, b"")
+        assert client.read(512, 512) == bytes([1]) * 512
+        client.disconnect()
+
+
+def test_held_write_replies_are_sent_at_disconnect() -> None:
+    backend = RecordingBackend()
+    with serving(backend) as (client, thread):
+        raw = b"".join(
+            struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_WRITE, i, 0, 1) + b"w" for i in range(5)
+        ) + struct.pack(">IHHQQI", c.NBD_REQUEST_MAGIC, 0, c.NBD_CMD_DISC, 99, 0, 0)
+        client.sock.sendall(raw)
+        thread.join(timeout=30)
+        assert sorted(client.reply()[:2] for _ in range(5)) == [(i, 0) for i in range(5)]
+        assert ("flush",) in backend.calls
