@@ -410,9 +410,8 @@ def test_stats_count_requests() -> None:
     assert export.stats == live
 
 
-def test_pipelined_write_replies_all_arrive_in_batches_and_alone() -> None:
-    # More writes than one batch of held replies, sent in one go, then one write that must be
-    # answered with nothing behind it (the server sends held replies before it waits for input).
+def test_pipelined_write_replies_all_arrive_then_a_lone_write_is_answered() -> None:
+    # Many writes sent in one go, then one write that must be answered with nothing behind it.
     backend = RecordingBackend()
     with serving(backend) as (client, _):
         raw = b"".join(
@@ -427,7 +426,7 @@ def test_pipelined_write_replies_all_arrive_in_batches_and_alone() -> None:
         client.disconnect()
 
 
-def test_held_write_replies_are_sent_at_disconnect() -> None:
+def test_write_replies_are_sent_before_disconnect_ends_the_connection() -> None:
     backend = RecordingBackend()
     with serving(backend) as (client, thread):
         raw = b"".join(

@@ -3,9 +3,7 @@
 The loop reads each 28-byte header with `recv_into` into a reused buffer,
 validates it with the codec's `check_header`, checks the request at the edge
 (flags, range, read-only) and only then calls the backend.  READ and WRITE
-run inline in the connection thread; a finished write's reply is held while
-more requests are already queued on the socket and sent with its neighbours
-in one syscall (at most a batch's worth, and always before the loop blocks); FLUSH and the flush that emulates FUA
+run inline in the connection thread; FLUSH and the flush that emulates FUA
 go to a helper thread so later reads are not stuck behind an fsync.  A lock
 serialises replies from the two threads.  The caller owns the socket and
 closes it after `serve_connection` returns (shut down by then).
@@ -49,7 +47,6 @@ log = logging.getLogger(__name__)
 
 _FIRST_WRITE_BUFFER = 256 * 1024  # grows on demand up to NBD_MAX_PAYLOAD; most writes are <= 128 KiB
 _STOP_POLL_SECONDS = 0.2
-_MAX_HELD_REPLIES = 32  # bounds how long a finished write's reply may wait for company
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # proto.md: map these to NBD_ENOSPC
 _PERMISSION_ERRNOS = frozenset({errno.EPERM, errno.EROFS, errno.EACCES})
 
@@ -171,7 +168,6 @@ class _Connection:
         self._wview = memoryview(self._wbuf)
         self._flushes: queue.SimpleQueue[int | None] | None = None
         self._flusher: threading.Thread | None = None
-        self._held: list[bytes] = []  # replies of finished writes, sent together (one syscall for many)
 
     # --- socket helpers -------------------------------------------------------
 
@@ -204,11 +200,6 @@ class _Connection:
 
     def _reply(self, cookie: int, error: int) -> None:
         self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie), None, error)
-
-    def _send_held(self) -> None:
-        held, self._held = self._held, []
-        with self.send_lock:
-            self.sock.sendall(b"".join(held))
 
     # --- flush helper thread -----------------------------------------------------
 
@@ -254,10 +245,7 @@ class _Connection:
         if fua and self.fua_mode is not FuaMode.NATIVE and self.can_flush:
             self._queue_flush(cookie)
         else:
-            # Held while more requests are already waiting; the loop sends them before it blocks.
-            self._held.append(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
-            if len(self._held) >= _MAX_HELD_REPLIES:
-                self._send_held()
+            self._reply(cookie, 0)
 
     # --- the loop -----------------------------------------------------------------
 
@@ -270,11 +258,6 @@ class _Connection:
 
     def _finish(self) -> None:
         try:
-            if self._held:
-                try:
-                    self._send_held()
-                except OSError as exc:
-                    log.debug("write replies not delivered: %s", exc)
             self._stop_flusher()
             if not self.read_only and self.can_flush:
                 try:
@@ -293,15 +276,7 @@ class _Connection:
         size = self.size
         stats = self.stats
         while True:
-            if self._held:
-                try:
-                    # Peek-free check for a waiting request: with one queued, held replies may wait longer.
-                    n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    self._send_held()  # nothing waiting: the client may need these replies to go on
-                    n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)
-            else:
-                n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
+            n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
             if n != NBD_REQUEST_SIZE:
                 if n == 0:
                     return  # EOF between requests: a clean hang-up
