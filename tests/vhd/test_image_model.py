@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 import threading
 
@@ -165,16 +166,16 @@ class _ImageMachine(RuleBasedStateMachine):
             assert self.image.size == len(self.model)
 
     def teardown(self) -> None:
-        if self.image is not None:
-            self.image.close()
-            report = check_image(self.path, **self._kw())  # type: ignore[arg-type]
-            assert report.clean, report.problems
-            with open_image(self.path, read_only=True, **self._kw()) as image:  # type: ignore[arg-type]
-                assert bytes(image.read(0, len(self.model))) == bytes(self.model)
-        if not self.in_memory:
-            for name in os.listdir(self.tmpdir):
-                os.unlink(os.path.join(self.tmpdir, name))
-            os.rmdir(self.tmpdir)
+        try:
+            if self.image is not None:
+                self.image.close()
+                report = check_image(self.path, **self._kw())  # type: ignore[arg-type]
+                assert report.clean, report.problems
+                with open_image(self.path, read_only=True, **self._kw()) as image:  # type: ignore[arg-type]
+                    assert bytes(image.read(0, len(self.model))) == bytes(self.model)
+        finally:
+            if not self.in_memory:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)  # failing examples too
 
 
 class FixedMachine(_ImageMachine):
