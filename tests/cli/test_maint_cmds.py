@@ -10,7 +10,7 @@ import pytest
 
 from vhdblkd.cli.main import main
 from vhdblkd.cli.maint_cmds import COMPACT_KEYS, MERGE_KEYS, RESIZE_KEYS, SNAPSHOT_KEYS
-from vhdblkd.vhd.create import create_dynamic
+from vhdblkd.vhd.create import create_differencing, create_dynamic
 from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.lock import ImageLock
 
@@ -74,6 +74,18 @@ def test_resize_json_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as exc:
         main(["resize", "--size", "lots", path])
     assert exc.value.code == 2
+
+
+def test_resize_grows_a_differencing_child_but_never_shrinks_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, model = make(tmp_path)
+    child = str(tmp_path / "c.vhd")
+    create_differencing(child, path)
+    out = run_json(["resize", "--json", "--size", "4M", child], capsys)
+    assert out["type"] == "differencing" and out["old_size"] == SIZE and out["new_size"] >= 4 * K * K
+    assert read_all(child) == model + bytes(out["new_size"] - SIZE)  # zeros past the parent's end
+    assert main(["resize", "--shrink", "--yes", "--size", "64K", child]) == 1
+    assert "not shrink" in capsys.readouterr().err
 
 
 def test_snapshot_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

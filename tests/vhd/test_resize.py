@@ -12,8 +12,11 @@ from tests.vhd.test_compact import assert_recovers, crash_states, fill, read_all
 from vhdblkd.errors import ImageLocked, UnsupportedImage
 from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
+from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import open_image
+from vhdblkd.vhd.layout import scan
 from vhdblkd.vhd.lock import ImageLock
+from vhdblkd.vhd.merge import merge
 from vhdblkd.vhd.memfile import MemoryDisk, MemoryFileFactory
 from vhdblkd.vhd.resize import DataLoss, resize
 
@@ -87,19 +90,98 @@ def test_shrink_of_an_empty_range_needs_no_yes(tmp_path: Path) -> None:
     assert read_all(path) == model[:M]
 
 
-def test_differencing_and_locked_images_are_refused(tmp_path: Path) -> None:
+def test_differencing_shrink_and_locked_images_are_refused(tmp_path: Path) -> None:
     parent = str(tmp_path / "p.vhd")
     child = str(tmp_path / "c.vhd")
-    create_dynamic(parent, M, block_size=BS)
+    create_dynamic(parent, M, block_size=BS, exact_size=True)
     create_differencing(child, parent)
-    with pytest.raises(UnsupportedImage, match="parent's size"):
-        resize(child, 2 * M)
+    with pytest.raises(UnsupportedImage, match="can grow but not shrink"):
+        resize(child, M // 2, shrink=True, discard_data=True)
     holder = ImageLock(parent, exclusive=True)
     try:
         with pytest.raises(ImageLocked):
             resize(parent, 2 * M)
     finally:
         holder.release()
+
+
+def make_chain(parent: str, child: str, model: bytearray, **kw: object) -> bytes:
+    """A 1 MiB parent with data and a child holding data of its own, some over the parent's.
+
+    Returns what the parent alone reads."""
+    factory = {k: v for k, v in kw.items() if k == "file_factory"}  # create_dynamic takes no lock option
+    create_dynamic(parent, M, block_size=BS, exact_size=True, **factory)  # type: ignore[arg-type]  # test options
+    fill(parent, model, [(0, b"\x01" * BS), (BS, b"\x02" * BS), (M - 512, b"\x09" * 512)], **kw)
+    parent_model = bytes(model)
+    create_differencing(child, parent, **kw)  # type: ignore[arg-type]  # test options
+    fill(child, model, [(BS + 1024, b"\x05" * 2048), (9 * BS, b"\x03" * 512)], **kw)
+    return parent_model
+
+
+def locator_offsets(path: str) -> list[int]:
+    f = ImageFile(path, False)
+    try:
+        header = scan(f, path).header
+    finally:
+        f.close()
+    assert header is not None
+    return [loc.platform_data_offset for loc in header.parent_locators if loc.used]
+
+
+def test_grow_a_differencing_child(tmp_path: Path) -> None:
+    parent, child = str(tmp_path / "p.vhd"), str(tmp_path / "c.vhd")
+    model = bytearray(M)
+    parent_model = make_chain(parent, child, model)
+    before = locator_offsets(child)
+    r = resize(child, 40 * M)  # the BAT outgrows the room before the parent locators
+    after = locator_offsets(child)
+    assert before and all(a > b for a, b in zip(after, before))  # the locators moved past the new BAT
+    assert (r.disk_type, r.old_size) == ("differencing", M) and r.new_size >= 40 * M  # CHS-rounded
+    assert r.blocks_moved >= 1
+    model.extend(bytes(r.new_size - M))
+    report = check_image(child)
+    assert report.clean, report.problems
+    assert read_all(child) == model
+    assert read_all(parent) == parent_model  # the parent is untouched
+    fill(child, model, [(M - 1024, b"\x07" * 4096), (39 * M, b"\x08" * 512)])  # across and past the old end
+    assert read_all(child) == model
+    assert check_image(child).clean
+
+
+def test_merge_of_a_grown_child_is_refused_until_the_parent_grows(tmp_path: Path) -> None:
+    parent, child = str(tmp_path / "p.vhd"), str(tmp_path / "c.vhd")
+    model = bytearray(M)
+    make_chain(parent, child, model)
+    resize(child, 2 * M)
+    with pytest.raises(UnsupportedImage, match="resize the parent"):
+        merge(child)
+    grown = resize(parent, resize(child, 2 * M).new_size).new_size
+    merge(child, allow_unsafe_parent=True)
+    assert read_all(parent) == model + bytes(grown - M)
+
+
+def test_every_crash_point_of_a_differencing_grow_recovers() -> None:
+    disks: dict[str, MemoryDisk] = {}
+    factory = MemoryFileFactory(disks)
+    parent, path = "/mem/p.vhd", "/mem/c.vhd"
+    model = bytearray(M)
+    make_chain(parent, path, model, lock=False, file_factory=factory)
+    disk = MemoryDisk(bytes(disks[path].data))
+    disks[path] = disk
+    r = resize(path, 40 * M, lock=False, file_factory=factory)
+    assert r.blocks_moved >= 1
+    states = crash_states(disk.ops)
+    assert len(states) > 20
+    sizes: set[int] = set()
+    for ops in states:
+        state = disk.replay(ops)
+        probe = MemoryFileFactory({**disks, path: MemoryDisk(state)})
+        with open_image(path, read_only=True, lock=False, file_factory=probe) as image:
+            size = image.size
+        assert size in (M, r.new_size)
+        sizes.add(size)
+        assert_recovers(disks, path, state, bytes(model) + bytes(size - M))
+    assert sizes == {M, r.new_size}
 
 
 @pytest.mark.peers

@@ -50,10 +50,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = subparsers.add_parser(
         "resize", help="grow (or shrink) an image's virtual size",
-        description="Change the virtual size of a fixed or dynamic image (rounded up to a whole disk "
-        "geometry, as create does, unless the image stores an exact size). Shrinking needs --shrink, "
-        "and --yes as well when the cut-off range holds data. A differencing image keeps its "
-        f"parent's size. --json keys: {', '.join(RESIZE_KEYS)}.")
+        description="Change the virtual size of a fixed, dynamic or differencing image (rounded up to a "
+        "whole disk geometry, as create does, unless the image stores an exact size). Shrinking needs --shrink, "
+        "and --yes as well when the cut-off range holds data. A differencing image can only grow; "
+        "past its parent's end it reads zeros, and merging it needs the parent grown first. "
+        f"--json keys: {', '.join(RESIZE_KEYS)}.")
     p.add_argument("--size", required=True, type=_size_arg, help="new virtual size, e.g. 20G")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("--yes", action="store_true", help="confirm losing the data past the new end")

@@ -85,8 +85,6 @@ def _parent_problems(f: ImageFile, lay: Layout, path: str, allow_unsafe: bool,
         with open_image(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe,
                         file_factory=file_factory, lock=False) as parent:
             vet_parent(path, header.parent_unique_id, header.parent_timestamp, parent, allow_unsafe)
-            if parent.size < lay.virtual_size:
-                return [Problem("parent-mismatch", f"{path}: parent {parent_path} is smaller than the child")]
     except ParentError as exc:
         return [Problem("parent-mismatch", str(exc), None)]
     except VhdError as exc:

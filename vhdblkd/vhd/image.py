@@ -53,15 +53,13 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
             image = DynamicImage(path, f, lay, read_only=read_only, lock=image_lock)
         else:
             assert lay.header is not None
+            # The child's size need not match the parent's: a grown child reads zeros past the
+            # parent's end, a smaller one simply never sees the parent's tail.
             parent = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
                                   lock=lock, file_factory=file_factory, depth=depth)
             try:
                 vet_parent(path, lay.header.parent_unique_id, lay.header.parent_timestamp, parent,
                             allow_unsafe_parent)
-                if parent.size < lay.virtual_size:
-                    raise ParentError(
-                        f"{path}: parent {parent.path} is {parent.size} bytes, smaller than the child's "
-                        f"{lay.virtual_size}; the chain is inconsistent")
                 image = DifferencingImage(path, f, lay, read_only=read_only, lock=image_lock, parent=parent)
             except BaseException:
                 parent.close()

@@ -55,6 +55,12 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
             if parent.footer.unique_id != header.parent_unique_id:
                 raise ParentError(f"{child}: {parent_path} is not this child's parent (unique id differs); "
                                   "nothing was merged")
+            if lay.virtual_size > parent.size:
+                # Silently dropping the child's sectors past the parent's end would lose data.
+                raise UnsupportedImage(
+                    f"{child}: the child is {lay.virtual_size} bytes, its parent {parent.size}; resize the "
+                    f"parent to at least {lay.virtual_size} bytes first (then merge with allow_unsafe_parent: "
+                    "resizing changes the parent's timestamp); nothing was merged")
             limit = min(lay.virtual_size, parent.size)
             for n, (block, entry) in enumerate(allocated):
                 progress(n, len(allocated))

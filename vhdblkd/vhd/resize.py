@@ -1,4 +1,4 @@
-"""resize: change the virtual size of a fixed or dynamic image.
+"""resize: change the virtual size of a fixed or dynamic image, or grow a differencing one.
 
 Every step leaves a valid image holding the old data if it is interrupted:
 - fixed grow: the new footer goes at the new end first (the file is then a
@@ -14,8 +14,13 @@ Every step leaves a valid image holding the old data if it is interrupted:
 - dynamic shrink: blocks past the new end are dropped from the BAT (a leak
   until the holes are closed as compact does), a block cut in the middle has
   its cut-off part zeroed, and the footers say the new size last.
-A differencing image follows its parent's size (the engine refuses a child
-larger than its parent), so it is not resized here.
+- differencing grow: as dynamic grow; parent locators' data in the way of the
+  larger BAT is first copied just past the new BAT and the old locators (the
+  blocks in that range having been moved to the end as above), fdatasync,
+  then the header is repointed at the copies, fdatasync.  The metadata stays
+  ahead of every block, so the layout scan and recovery need no new cases.
+  A grown child reads zeros past its parent's size; shrinking a child is
+  refused (its parent would show through again if it were grown back).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from vhdblkd.vhd.geometry import size_for_create
 from vhdblkd.vhd.image import FileFactory, open_image
 from vhdblkd.vhd.layout import round_up_sector, sectors_to_bytes
 from vhdblkd.vhd.recovery import needs_repair, repair
-from vhdblkd.vhd.structs import Footer
+from vhdblkd.vhd.structs import DynamicHeader, Footer
 
 _CHUNK = 1024 * 1024
 
@@ -80,9 +85,9 @@ def resize(path: str, size: int, *, shrink: bool = False, discard_data: bool = F
         footer = new_footer(lay.footer, size)
         new_size = footer.current_size
         kind = c.DISK_TYPE_NAMES.get(lay.footer.disk_type, "?")
-        if lay.footer.disk_type == c.DISK_TYPE_DIFFERENCING:
-            raise UnsupportedImage(f"{path}: a differencing image has its parent's size; merge it into the "
-                                   "parent and resize that, or resize the parent and take a new snapshot")
+        if lay.footer.disk_type == c.DISK_TYPE_DIFFERENCING and new_size < old_size:
+            raise UnsupportedImage(f"{path}: a differencing image can grow but not shrink; merge it into "
+                                   "the parent and shrink that, then take a new snapshot")
         if new_size < old_size and not shrink:
             raise UnsupportedImage(f"{path}: {new_size} bytes is smaller than the current {old_size}; "
                                    "pass --shrink to cut the disk")
@@ -136,13 +141,19 @@ def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
     header = lay.header
     entries = max(header.max_table_entries, -(-footer.current_size // lay.block_size))
     bat_end = header.table_offset + round_up_sector(entries * c.BAT_ENTRY_SIZE)
-    others = [(off, ln) for off, ln, what in lay.metadata if what != "BAT" and off >= header.table_offset]
-    if any(off < bat_end for off, _ in others):
+    later = [(off, ln, what) for off, ln, what in lay.metadata if what != "BAT" and off >= header.table_offset]
+    locators = [(off, ln, int(what.rsplit(" ", 1)[1])) for off, ln, what in later
+                if what.startswith("parent locator ")]
+    if any(off < bat_end for off, _, what in later if not what.startswith("parent locator ")):
         raise UnsupportedImage(f"{m.path}: other metadata follows the BAT at {header.table_offset}; "
                                "the table cannot grow in place")
+    moving = [loc for loc in locators if loc[0] < bat_end]
+    # Moved locators go past both the new BAT and the old locators, so no copy overwrites an original.
+    locator_at = max([bat_end] + [off + ln for off, ln, _ in locators])
+    meta_end = locator_at + sum(ln for _, ln, _ in moving) if moving else bat_end
     in_the_way = sorted((e, i) for i, e in enumerate(lay.bat)
-                        if e != c.BAT_UNUSED and sectors_to_bytes(e) < bat_end)
-    end = max(lay.data_end, bat_end)
+                        if e != c.BAT_UNUSED and sectors_to_bytes(e) < meta_end)
+    end = max(lay.data_end, meta_end)
     old_footer = lay.footer.pack()
     for n, (entry, block) in enumerate(in_the_way):
         progress(n, len(in_the_way))
@@ -155,6 +166,8 @@ def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
         end += lay.stride
     if end > lay.data_end and not in_the_way:
         f.pwrite(end, old_footer)  # no block to move, but the table needs the room
+    if moving:
+        header = _move_locators(m, header, moving, locator_at)
     old_table = header.table_offset + header.max_table_entries * c.BAT_ENTRY_SIZE
     f.pwrite(old_table, b"\xff" * (bat_end - old_table))
     f.fdatasync()  # the new entries read as unused before the header counts them
@@ -162,6 +175,23 @@ def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
     f.fdatasync()
     _write_footers(m, footer)
     return len(in_the_way)
+
+
+def _move_locators(m: Maintenance, header: DynamicHeader, moving: list[tuple[int, int, int]],
+                   at: int) -> DynamicHeader:
+    """Copy the locators' data to `at` (free space now), then point the header at the copies."""
+    f = m.file
+    locs = list(header.parent_locators)
+    for off, ln, i in moving:
+        f.pwrite(at, f.pread(off, ln).ljust(ln, b"\0"))
+        locs[i] = dataclasses.replace(locs[i], platform_data_offset=at)
+        at += ln
+    f.fdatasync()  # the copies are durable before the header points at them
+    header = header.replace(parent_locators=tuple(locs))
+    assert m.layout.footer is not None
+    f.pwrite(m.layout.footer.data_offset, header.pack())
+    f.fdatasync()
+    return header
 
 
 def _shrink_dynamic(m: Maintenance, footer: Footer, lost: bool) -> None:
