@@ -14,7 +14,9 @@ import pytest
 
 from vhdblkd.cli.image_cmds import info_rows
 from vhdblkd.cli.main import main
+from vhdblkd.vhd.geometry import Geometry
 from vhdblkd.vhd.image import open_image
+from vhdblkd.vhd.info import ImageInfo, ParentInfo
 
 MIB = 1 << 20
 VHDBLKCTL = Path(sys.executable).with_name("vhdblkctl")
@@ -187,25 +189,25 @@ def test_info_never_changes_a_byte(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_info_rows_cover_the_interesting_fields() -> None:
-    info = {
-        "path": "/x/child.vhd",
-        "type": "differencing",
-        "virtual_size": 104865792,
-        "geometry": {"cylinders": 203, "heads": 16, "sectors_per_track": 63},
-        "creator_app": "vhdb",
-        "creator_version": "1.0",
-        "creator_os": "Wi2k",
-        "unique_id": "4a1c…",
-        "timestamp": "2026-11-25T06:30:00Z",
-        "block_size": 2 * MIB,
-        "allocated_blocks": 3,
-        "total_blocks": 51,
-        "file_size": 8 * MIB,
-        "footer_checksum_ok": True,
-        "header_checksum_ok": False,
-        "parent": {"path": "/x/base.vhd", "unique_id": "77…"},
-        "parent_chain": ["/x/base.vhd", "/x/root.vhd"],
-    }
+    info = ImageInfo(
+        path="/x/child.vhd",
+        disk_type="differencing",
+        virtual_size=104865792,
+        geometry=Geometry(203, 16, 63),
+        creator_app="vhdb",
+        creator_version="1.0",
+        creator_os="Wi2k",
+        unique_id="4a1c…",
+        timestamp="2026-11-25T06:30:00Z",
+        block_size=2 * MIB,
+        allocated_blocks=3,
+        total_blocks=51,
+        file_size=8 * MIB,
+        footer_checksum_ok=True,
+        header_checksum_ok=False,
+        parent=ParentInfo(path="/x/base.vhd", unique_id="77…"),
+        parent_chain=("/x/base.vhd", "/x/root.vhd"),
+    )
     rows = dict(info_rows(info))
     assert rows["virtual size"] == "104,865,792 bytes (100.01 MiB)"
     assert rows["geometry"].startswith("C/H/S 203/16/63")

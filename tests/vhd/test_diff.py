@@ -66,9 +66,9 @@ def test_child_reads_parent_and_never_writes_it(tmp_path: Path, fixed_parent: bo
         content[9 * BS : 11 * BS] = bytes(2 * BS)
         assert bytes(image.read(0, SIZE)) == bytes(content)
         info = image.info()
-        assert info["type"] == "differencing"
-        assert info["parent"]["path"] == str(parent)
-        assert info["parent_chain"] == [str(parent)]
+        assert info.disk_type == "differencing"
+        assert info.parent is not None and info.parent.path == str(parent)
+        assert info.parent_chain == (str(parent),)
     assert digest(parent) == before
     with open_image(str(child), read_only=True) as image:
         assert bytes(image.read(0, SIZE)) == bytes(content)
@@ -215,7 +215,7 @@ def test_three_level_chain(tmp_path: Path) -> None:
         image.write(5 * BS + 10, b"TOP")
         content[5 * BS + 10 : 5 * BS + 13] = b"TOP"
         assert bytes(image.read(0, SIZE)) == bytes(content)
-        assert image.info()["parent_chain"] == [str(mid), str(base)]
+        assert image.info().parent_chain == (str(mid), str(base))
 
 
 def test_parent_name_field_is_utf16_big_endian(tmp_path: Path) -> None:

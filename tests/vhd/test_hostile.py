@@ -203,7 +203,7 @@ def test_dynamic_footer_damaged_uses_backup(tmp_path: Path) -> None:
     patch(path, size - 512 + 200, b"\x55")
     before = digest(path)
     with open_image(str(path), read_only=True) as image:
-        assert image.info()["footer_checksum_ok"] is False
+        assert image.info().footer_checksum_ok is False
         assert bytes(image.read(100, 5)) == b"data0"
     report = check_image(str(path))
     assert [p.code for p in report.problems] == ["footer-checksum"]

@@ -42,7 +42,7 @@ def media_size(fields: dict[str, str]) -> int:
 
 def our_info(path: Path) -> dict[str, object]:
     with open_image(str(path), read_only=True) as image:
-        return dict(image.info())
+        return image.info().as_dict()
 
 
 def same_uuid(text: str, value: object) -> bool:

@@ -10,17 +10,18 @@ Errors are one line on stderr that names the file and says what to do next.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DiskFull, ImageLocked, ParentError, VhdblkError
 from ..vhd import check as vhd_check
 from ..vhd import create as vhd_create
 from ..vhd import image as vhd_image
+from ..vhd.geometry import MAX_GEOMETRY
+from ..vhd.info import ImageInfo
 from . import convert as convert_mod
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, format_size_exact, parse_size
@@ -30,9 +31,6 @@ EXIT_FAILED = 1
 EXIT_UNUSABLE = 2  # bad usage, or the image cannot be opened
 
 DISK_TYPES = ("fixed", "dynamic", "differencing")
-# Cylinders, heads, sectors per track that cannot express a size: "believe current size".
-MAX_GEOMETRY = (65535, 16, 255)
-VHD_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 class UsageError(VhdblkError):
@@ -168,7 +166,7 @@ def _create(args: argparse.Namespace) -> int:
         raise
     if args.json:
         with vhd_image.open_image(str(path), read_only=True, lock=False, allow_unsafe_parent=True) as image:
-            _print_json(image.info())
+            _print_json(image.info().as_dict())
     return EXIT_OK
 
 
@@ -191,70 +189,47 @@ def _info(args: argparse.Namespace) -> int:
     with vhd_image.open_image(args.image, read_only=True, lock=False, allow_unsafe_parent=args.allow_unsafe_parent) as image:
         info = image.info()
     if args.json:
-        _print_json(info)
+        _print_json(info.as_dict())
     else:
         for label, value in info_rows(info):
             print(f"{label + ':':<18}{value}")
     return EXIT_OK
 
 
-def info_rows(info: Mapping[str, object]) -> list[tuple[str, str]]:
+def info_rows(info: ImageInfo) -> list[tuple[str, str]]:
     """The human table for `vhdblkctl info`: (label, text) pairs."""
-    rows = [("image", _text(info.get("path"))), ("type", _text(info.get("type")))]
-    rows.append(("virtual size", _bytes_text(info.get("virtual_size"))))
-    geometry = info.get("geometry")
-    if isinstance(geometry, Mapping):
-        c, h, s = geometry.get("cylinders"), geometry.get("heads"), geometry.get("sectors_per_track")
-        chs_text = f"C/H/S {c}/{h}/{s}"
-        if (c, h, s) == MAX_GEOMETRY:
-            chs_text += " (the maximum: readers take the size from the footer's current size)"
-        elif isinstance(c, int) and isinstance(h, int) and isinstance(s, int):
-            chs_text += f" = {c * h * s * 512:,} bytes"
-        rows.append(("geometry", chs_text))
-    creator = f"{_text(info.get('creator_app'))} {_text(info.get('creator_version'))} on {_text(info.get('creator_os'))}"
-    rows.append(("creator", creator))
-    rows.append(("unique id", _text(info.get("unique_id"))))
-    rows.append(("timestamp", _timestamp_text(info.get("timestamp"))))
-    block_size = info.get("block_size")
-    if isinstance(block_size, int) and block_size > 0:
-        rows.append(("block size", format_size(block_size)))
-        rows.append(("allocated blocks", f"{_text(info.get('allocated_blocks'))} of {_text(info.get('total_blocks'))}"))
-    rows.append(("file size", _bytes_text(info.get("file_size"))))
-    parent = info.get("parent")
-    if isinstance(parent, Mapping):
-        rows.append(("parent", f"{_text(parent.get('path'))} (unique id {_text(parent.get('unique_id'))})"))
-    chain = info.get("parent_chain")
-    if isinstance(chain, list) and chain:
-        rows.append(("parent chain", " -> ".join(_chain_name(entry) for entry in chain)))
+    rows = [("image", _text(info.path)), ("type", _text(info.disk_type))]
+    rows.append(("virtual size", format_size_exact(info.virtual_size)))
+    c, h, s = info.geometry
+    chs_text = f"C/H/S {c}/{h}/{s}"
+    if info.geometry == MAX_GEOMETRY:
+        chs_text += " (the maximum: readers take the size from the footer's current size)"
+    else:
+        chs_text += f" = {c * h * s * 512:,} bytes"
+    rows.append(("geometry", chs_text))
+    rows.append(("creator", f"{_text(info.creator_app)} {_text(info.creator_version)} on {_text(info.creator_os)}"))
+    rows.append(("unique id", _text(info.unique_id)))
+    rows.append(("timestamp", _text(info.timestamp)))
+    if info.block_size is not None and info.block_size > 0:
+        rows.append(("block size", format_size(info.block_size)))
+        rows.append(("allocated blocks", f"{info.allocated_blocks} of {info.total_blocks}"))
+    rows.append(("file size", format_size_exact(info.file_size)))
+    if info.parent is not None:
+        rows.append(("parent", f"{_text(info.parent.path)} (unique id {_text(info.parent.unique_id)})"))
+    if info.parent_chain:
+        rows.append(("parent chain", " -> ".join(_text(path) for path in info.parent_chain)))
     rows.append(("checksums", _checksum_text(info)))
     return rows
 
 
-def _text(value: object) -> str:
-    return "-" if value is None or value == "" else str(value)
+def _text(value: str) -> str:
+    return value if value else "-"
 
 
-def _bytes_text(value: object) -> str:
-    return format_size_exact(value) if isinstance(value, int) else _text(value)
-
-
-def _timestamp_text(value: object) -> str:
-    if isinstance(value, int) and not isinstance(value, bool):
-        moment = VHD_EPOCH + datetime.timedelta(seconds=value)
-        return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
-    return _text(value)
-
-
-def _chain_name(entry: object) -> str:
-    if isinstance(entry, Mapping):
-        return _text(entry.get("path"))
-    return _text(entry)
-
-
-def _checksum_text(info: Mapping[str, object]) -> str:
-    parts = [f"footer {'ok' if info.get('footer_checksum_ok') else 'BAD'}"]
-    if info.get("header_checksum_ok") is not None:
-        parts.append(f"header {'ok' if info.get('header_checksum_ok') else 'BAD'}")
+def _checksum_text(info: ImageInfo) -> str:
+    parts = [f"footer {'ok' if info.footer_checksum_ok else 'BAD'}"]
+    if info.header_checksum_ok is not None:
+        parts.append(f"header {'ok' if info.header_checksum_ok else 'BAD'}")
     return ", ".join(parts)
 
 

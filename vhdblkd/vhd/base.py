@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import datetime
 import threading
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
 
 from vhdblkd.backend import Buffer, FuaMode
 from vhdblkd.errors import ReadOnlyImage
-from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.fileio import ImageFile
+from vhdblkd.vhd.geometry import Geometry
+from vhdblkd.vhd.info import ImageInfo, ParentInfo
 from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.structs import DynamicHeader, Footer
-
-
-def vhd_timestamp_to_iso(timestamp: int) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp + c.VHD_EPOCH_OFFSET, tz=datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def vhd_mtime(unix_seconds: int) -> int:
-    """A Unix time as VHD timestamp (seconds since 2000-01-01 UTC), clamped to the field."""
-    return max(0, min(0xFFFFFFFF, unix_seconds - c.VHD_EPOCH_OFFSET))
+from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
 
 
 def _fourcc(raw: bytes) -> str:
@@ -139,7 +129,7 @@ class VhdImage:
 
     # --- description ----------------------------------------------------------
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ImageInfo:
         f = self.footer
         parent = self.parent
         chain: list[str] = []
@@ -147,26 +137,26 @@ class VhdImage:
         while node is not None:
             chain.append(node.path)
             node = node.parent
-        return {
-            "path": self.path,
-            "type": self.disk_type,
-            "virtual_size": self.size,
-            "geometry": {"cylinders": f.cylinders, "heads": f.heads, "sectors_per_track": f.sectors_per_track},
-            "creator_app": _fourcc(f.creator_application),
-            "creator_version": f"{f.creator_version >> 16}.{f.creator_version & 0xFFFF}",
-            "creator_os": _fourcc(f.creator_host_os),
-            "unique_id": str(uuid.UUID(bytes=f.unique_id)),
-            "timestamp": vhd_timestamp_to_iso(f.timestamp),
-            "block_size": self.block_size,
-            "allocated_blocks": self.allocated_blocks,
-            "total_blocks": self.total_blocks,
-            "file_size": self._file.size(),
-            "footer_checksum_ok": self._layout.footer_checksum_ok,
-            "header_checksum_ok": self._layout.header_checksum_ok if self.header is not None else None,
-            "parent": None if parent is None else {
-                "path": parent.path, "unique_id": str(uuid.UUID(bytes=parent.footer.unique_id))},
-            "parent_chain": chain,
-        }
+        return ImageInfo(
+            path=self.path,
+            disk_type=self.disk_type,
+            virtual_size=self.size,
+            geometry=Geometry(f.cylinders, f.heads, f.sectors_per_track),
+            creator_app=_fourcc(f.creator_application),
+            creator_version=f"{f.creator_version >> 16}.{f.creator_version & 0xFFFF}",
+            creator_os=_fourcc(f.creator_host_os),
+            unique_id=str(uuid.UUID(bytes=f.unique_id)),
+            timestamp=vhd_timestamp_to_iso(f.timestamp),
+            block_size=self.block_size,
+            allocated_blocks=self.allocated_blocks,
+            total_blocks=self.total_blocks,
+            file_size=self._file.size(),
+            footer_checksum_ok=self._layout.footer_checksum_ok,
+            header_checksum_ok=self._layout.header_checksum_ok if self.header is not None else None,
+            parent=None if parent is None else ParentInfo(
+                path=parent.path, unique_id=str(uuid.UUID(bytes=parent.footer.unique_id))),
+            parent_chain=tuple(chain),
+        )
 
     # --- I/O, provided by each kind ---------------------------------------------
 

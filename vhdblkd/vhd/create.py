@@ -17,26 +17,21 @@ Creator and size conventions (see geometry.py):
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable
 
 from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import constants as c
-from vhdblkd.vhd.base import vhd_mtime
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry, size_for_create
 from vhdblkd.vhd.layout import bitmap_size_for, round_up_sector
 from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator
+from vhdblkd.vhd.timestamp import vhd_mtime, vhd_now
 
 FileFactory = Callable[..., ImageFile]
 # Reserve space in steps this big so progress can be reported.
 _ALLOCATE_STEP = 256 * 1024 * 1024
 MIB = 1024 * 1024
-
-
-def vhd_now() -> int:
-    return max(0, int(time.time()) - c.VHD_EPOCH_OFFSET)
 
 
 def make_footer(size: int, geometry: Geometry, disk_type: int, *, exact: bool,

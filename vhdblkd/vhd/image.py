@@ -9,7 +9,7 @@ from collections.abc import Callable
 from vhdblkd.errors import ParentError, VhdError
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
-from vhdblkd.vhd.base import VhdImage, vhd_mtime
+from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.dynamic import DifferencingImage, DynamicImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.fixed import FixedImage
@@ -17,6 +17,7 @@ from vhdblkd.vhd.layout import scan
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader
+from vhdblkd.vhd.timestamp import vhd_mtime
 
 __all__ = ["VhdImage", "FixedImage", "DynamicImage", "DifferencingImage", "open_image"]
 

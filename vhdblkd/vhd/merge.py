@@ -20,12 +20,12 @@ from vhdblkd.errors import ParentError, UnsupportedImage
 from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
-from vhdblkd.vhd.base import vhd_mtime
 from vhdblkd.vhd.compact import Progress, _no_progress, maintain
 from vhdblkd.vhd.create import create_differencing
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import FileFactory, open_image
 from vhdblkd.vhd.layout import sectors_to_bytes
+from vhdblkd.vhd.timestamp import vhd_mtime
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
