@@ -530,7 +530,7 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
 
     def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
 
     return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vhdblkd.cli.main import main
 from tests.daemon.fakes import ServiceRig, make_rig
+from vhdblkd.cli.main import main
 
 
 @pytest.fixture

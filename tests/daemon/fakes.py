@@ -125,7 +125,7 @@ class FakeKernel:
         dead = sorted(dev.dead) or list(range(len(dev.socks)))
         if len(sock_fds) > len(dead):
             raise KernelError(f"/dev/nbd{index}: more sockets than dead connections")
-        for slot, fd in zip(dead, sock_fds):
+        for slot, fd in zip(dead, sock_fds, strict=False):
             dev.socks[slot].close()
             dev.socks[slot] = socket.socket(fileno=os.dup(fd))
             dev.dead.discard(slot)

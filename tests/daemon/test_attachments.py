@@ -140,7 +140,7 @@ def test_shutdown_flushes_every_attachment(tmp_path: Path) -> None:
         kernel.devices[i].write(512 * i, b"z" * 512)
     mgr.shutdown()  # busy devices too: the service is stopping
     assert kernel.devices == {}
-    for p, img in zip(paths, opener.images):
+    for p, img in zip(paths, opener.images, strict=False):
         assert img.closed
         assert opener.events.index(f"flush {p}") < opener.events.index(f"close {p}")
 

@@ -38,7 +38,7 @@ def _splits(stream: bytes, seed: int) -> list[bytes]:
         return [stream[i : i + 1] for i in range(len(stream))]  # one byte at a time
     cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(1, 12)))) \
         if len(stream) > 1 else []
-    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if b > a]
+    return [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True) if b > a]
 
 
 def _decode(chunks: list[bytes]) -> tuple[list[Request], bool, str]:

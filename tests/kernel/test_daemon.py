@@ -87,10 +87,10 @@ def assert_clean(image: Path) -> None:
 
 
 def test_attach_mkfs_mount_detach_and_error_cases(tmp_path: Path, guest: Guest) -> None:
-    dyn = create(tmp_path / "dyn.vhd", "--size", "64M")
-    fixed = create(tmp_path / "fixed.vhd", "--type", "fixed", "--size", "32M")
-    gpt = create(tmp_path / "gpt.vhd", "--size", "64M")
-    locked = create(tmp_path / "locked.vhd", "--size", "8M")
+    create(tmp_path / "dyn.vhd", "--size", "64M")
+    create(tmp_path / "fixed.vhd", "--type", "fixed", "--size", "32M")
+    create(tmp_path / "gpt.vhd", "--size", "64M")
+    create(tmp_path / "locked.vhd", "--size", "8M")
     corrupt = tmp_path / "corrupt.vhd"
     corrupt.write_bytes(bytes(range(256)) * 4096)
     (tmp_path / "vhdtab").write_text("# empty\n")

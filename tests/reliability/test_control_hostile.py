@@ -64,7 +64,7 @@ def test_stalled_clients_do_not_block_others(server: ControlServer) -> None:
     for s in partial:
         s.sendall(b'{"op": "sta')
     try:
-        for i in range(5):
+        for _ in range(5):
             assert ask(server, b'{"op": "status"}\n') == {"ok": True, "op": "status"}
         # A stalled client also does not block a request on a connection opened before it.
         early = connect(server)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings

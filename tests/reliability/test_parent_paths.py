@@ -21,9 +21,9 @@ from vhdblkd.errors import ConfigError, ParentError
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.create import create_differencing, create_dynamic
+from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.layout import scan
-from vhdblkd.vhd.fileio import ImageFile
 
 SIZE = 1024 * 1024
 BS = 64 * 1024

@@ -132,7 +132,7 @@ def verify(rec: Recording, k: int, got: bytes) -> None:
         where = f"{rec.kind} bs={rec.block_size}: crash after op {k} (durable at {durable_at}), sector {start // SECTOR}"
         assert touching, f"{where} changed though no write after the last flush touched it"
         if len(touching) <= 6:
-            allowed = {_overlay(old, start, [w for w, keep in zip(touching, mask) if keep])
+            allowed = {_overlay(old, start, [w for w, keep in zip(touching, mask, strict=False) if keep])
                        for mask in itertools.product((False, True), repeat=len(touching))}
             assert sector in allowed, f"{where} holds none of the {len(allowed)} allowed contents"
             continue

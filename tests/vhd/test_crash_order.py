@@ -65,7 +65,7 @@ def record(kind: str, seed: int) -> Recording:
     writes: list[tuple[int, int, bytes]] = []
     image = open_image(CHILD, lock=False, file_factory=factory)
     assert not disk.ops, "opening a clean image must not write"
-    for step in range(70):
+    for _step in range(70):
         choice = rng.random()
         if choice < 0.6:
             off = rng.randrange(SIZE - 1)
@@ -189,7 +189,7 @@ def test_crash_during_recovery_is_recoverable() -> None:
     rec = record("dynamic", 1)
     rng = random.Random(5)
     checked = 0
-    for k, surviving in crash_states(rec, rng):
+    for _k, surviving in crash_states(rec, rng):
         state = rec.disk.replay(surviving)
         probe = MemoryFileFactory({CHILD: MemoryDisk(state)})
         if not any(p.code == "leaked-block" for p in check_image(CHILD, lock=False, file_factory=probe).problems):

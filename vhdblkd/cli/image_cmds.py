@@ -120,7 +120,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     return guard(args.image, lambda: _create(args))
 
 
-def _create(args: argparse.Namespace) -> int:
+def _create(args: argparse.Namespace) -> int:  # noqa: C901  one flat list of option checks, one per usage error
     path = Path(args.image)
     size: int | None = args.size
     parent: str | None = args.parent

@@ -263,7 +263,7 @@ class AttachmentManager:
         ours = [p[0] for p in pairs]
         theirs = [p[1] for p in pairs]
         att = Attachment(entry, image, export, -1, from_vhdtab, count, time.time(), sockets=ours)
-        for i, sock in enumerate(ours):
+        for i in range(len(ours)):
             thread = threading.Thread(
                 target=self._serve_one, args=(att, i), name=f"nbd-{entry.name}-{i}", daemon=True
             )

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
-
 class Kernel(Protocol):
     def connect(
         self,

@@ -24,7 +24,7 @@ from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry, size_for_create
-from vhdblkd.vhd.layout import bitmap_size_for, round_up_sector
+from vhdblkd.vhd.layout import round_up_sector
 from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator
 from vhdblkd.vhd.timestamp import vhd_mtime, vhd_now
 
