@@ -15,8 +15,9 @@ PKG = Path(__file__).resolve().parent.parent / "vhdblkd"
 FORBIDDEN = {
     "vhd": ("vhdblkd.nbd", "vhdblkd.daemon", "vhdblkd.cli"),
     "nbd": ("vhdblkd.vhd", "vhdblkd.daemon", "vhdblkd.cli"),
+    "ublk": ("vhdblkd.vhd", "vhdblkd.nbd", "vhdblkd.daemon", "vhdblkd.cli"),
     "daemon": ("vhdblkd.cli",),
-    "cli": ("vhdblkd.daemon", "vhdblkd.nbd"),
+    "cli": ("vhdblkd.daemon", "vhdblkd.nbd", "vhdblkd.ublk"),
 }
 # Third-party modules each allowed in exactly one place.
 ONLY_IN = {"pyroute2": "nbd/netlink.py", "sdnotify": "daemon/notify.py"}

@@ -85,3 +85,21 @@ class ConfigError(VhdblkError):
 
 class DiskFull(VhdError):
     """The file system holding an image has no space left (ENOSPC/EDQUOT)."""
+
+
+# --- ublk (vhdblkd/ublk/) ----------------------------------------------------
+
+
+class UblkError(KernelError):
+    """The kernel's ublk driver or io_uring refused a command; carries the errno."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class UblkUnavailable(UblkError):
+    """This kernel cannot serve ublk devices (no driver, io_uring disabled, too old); the message says what to do."""

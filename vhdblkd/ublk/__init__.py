@@ -1,0 +1,1 @@
+"""The ublk transport: /dev/ublkbN served through io_uring (Linux 6.1+)."""

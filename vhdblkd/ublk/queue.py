@@ -1,0 +1,162 @@
+"""One ublk queue: a thread, its io_uring and its tags, turning descriptors into handler calls.
+
+The thread that FETCHes a queue's tags becomes that queue's daemon in the
+kernel: every later command for the queue must come from it, and the kernel
+copies request data to and from the buffers in that thread's context.  So
+the ring is created, armed and driven by this one thread.
+
+The loop: FETCH every tag (each with its own buffer of the device's maximum
+request size), then repeatedly enter the kernel once to submit every
+COMMIT_AND_FETCH queued so far and wait for at least one completion, and
+drain every completion posted.  A completion with result 0 means the
+descriptor of its tag (user_data = tag) holds a request; the handler's
+result (bytes done or -errno) is committed with that tag's re-arm.  A
+completion with UBLK_IO_RES_ABORT (-ENODEV) means the device is stopping
+and the tag is not re-armed; the thread ends when no tag is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import threading
+from typing import Protocol
+
+from ..errors import UblkError
+from . import constants as c
+from .structs import IO_CMD, IO_DESC, IoDesc
+from .uring import Ring, prep
+
+log = logging.getLogger(__name__)
+
+_PAGE = mmap.PAGESIZE
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def desc_array_offset(q_id: int) -> int:
+    """Where queue q_id's descriptors sit in /dev/ublkcN: the kernel spaces queues by the largest depth."""
+    return c.UBLKSRV_CMD_BUF_OFFSET + q_id * _round_up(c.UBLK_MAX_QUEUE_DEPTH * IoDesc.SIZE, _PAGE)
+
+
+def desc_array_length(depth: int) -> int:
+    return _round_up(depth * IoDesc.SIZE, _PAGE)
+
+
+class Handler(Protocol):
+    """Serves one request: `buf` is the tag's buffer (data in for writes, out for reads)."""
+
+    def __call__(self, op: int, flags: int, offset: int, length: int, buf: memoryview) -> int:
+        """Return the bytes done (READ/WRITE), 0 (others), or -errno."""
+
+
+class Queue:
+    """The thread serving one hardware queue of one device."""
+
+    def __init__(
+        self, char_fd: int, q_id: int, depth: int, io_buf_bytes: int, handler: Handler, *, encoded: bool
+    ) -> None:
+        self.char_fd = char_fd
+        self.q_id = q_id
+        self.depth = depth
+        self.io_buf_bytes = io_buf_bytes
+        self.handler = handler
+        self.fetch_op = c.UBLK_U_IO_FETCH_REQ if encoded else c.UBLK_IO_FETCH_REQ
+        self.commit_op = c.UBLK_U_IO_COMMIT_AND_FETCH_REQ if encoded else c.UBLK_IO_COMMIT_AND_FETCH_REQ
+        self.armed = threading.Event()
+        self.error: BaseException | None = None
+        self.requests = 0
+        self._thread = threading.Thread(target=self._main, name=f"ublk-q{q_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_armed(self, timeout: float | None = None) -> None:
+        """Block until every tag is FETCHed (or the thread failed, which is raised)."""
+        if not self.armed.wait(timeout):
+            raise UblkError(f"ublk queue {self.q_id}: tags not armed within {timeout} s")
+        if self.error is not None:
+            raise self.error
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # --- the thread ----------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the queue
+            self.error = exc
+            if self.armed.is_set():
+                log.exception("ublk queue %d failed", self.q_id)
+        finally:
+            self.armed.set()
+
+    def _serve(self) -> None:
+        depth, size = self.depth, self.io_buf_bytes
+        descs = mmap.mmap(
+            self.char_fd, desc_array_length(depth), mmap.MAP_SHARED, mmap.PROT_READ, offset=desc_array_offset(self.q_id)
+        )
+        bufs = mmap.mmap(-1, depth * size)
+        anchor = ctypes.c_char.from_buffer(bufs)
+        base = ctypes.addressof(anchor)
+        view = memoryview(bufs)
+        ring = Ring(depth)
+        try:
+            self._loop(ring, descs, view, base)
+        finally:
+            ring.close()
+            view.release()
+            del anchor
+            bufs.close()
+            descs.close()
+
+    def _loop(self, ring: Ring, descs: mmap.mmap, view: memoryview, base: int) -> None:
+        depth, size, q_id, sq = self.depth, self.io_buf_bytes, self.q_id, ring.sq
+        fd, uring_cmd, commit_op = self.char_fd, c.IORING_OP_URING_CMD, self.commit_op
+        for tag in range(depth):
+            prep(sq, uring_cmd, fd, off=self.fetch_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, 0, base + tag * size))
+        ring.submit()
+        early = ring.completions()  # FETCH is handled inline: a refusal is already posted
+        refused = [(tag, res) for tag, res, _ in early if res < 0]
+        if refused:
+            tag, res = refused[0]
+            raise UblkError(f"ublk queue {q_id}: FETCH of tag {tag} refused: {os.strerror(-res)}", -res)
+        self.armed.set()
+        live = depth
+        pending = early
+        unpack, handler = IO_DESC.unpack_from, self.handler
+        while live:
+            if not pending:
+                ring.submit(wait=1)  # every commit of the last batch goes in this one call
+                pending = ring.completions()
+            for tag, res, _flags in pending:
+                if res != c.UBLK_IO_RES_OK:
+                    live -= 1
+                    if res != -errno.ENODEV:  # UBLK_IO_RES_ABORT: the device is going away
+                        log.error("ublk queue %d tag %d: command failed: %s", q_id, tag, os.strerror(-res))
+                    continue
+                op_flags, nr_sectors, start_sector, _addr = unpack(descs, tag * IoDesc.SIZE)
+                length = nr_sectors << c.SECTOR_SHIFT
+                start = tag * size
+                try:
+                    result = handler(
+                        op_flags & 0xFF, op_flags & ~0xFF, start_sector << c.SECTOR_SHIFT, length,
+                        view[start : start + min(length, size)],
+                    )
+                except Exception:  # noqa: BLE001 - a bug in the handler must not wedge the device
+                    log.exception("ublk queue %d tag %d: request failed", q_id, tag)
+                    result = -errno.EIO
+                self.requests += 1
+                prep(sq, uring_cmd, fd, off=commit_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, result, base + start))
+            pending = []
