@@ -143,10 +143,6 @@ def test_info_and_go_errors(opt: int, data: bytes, reply: int) -> None:
 @pytest.mark.parametrize(
     "opt",
     [
-        c.NBD_OPT_STRUCTURED_REPLY,
-        c.NBD_OPT_STARTTLS,
-        c.NBD_OPT_LIST_META_CONTEXT,
-        c.NBD_OPT_SET_META_CONTEXT,
         c.NBD_OPT_EXTENDED_HEADERS,
         c.NBD_OPT_PEEK_EXPORT,
         0xDEAD,

@@ -132,3 +132,23 @@ NBD_MIN_BLOCK_SIZE: Final = 1
 NBD_PREFERRED_BLOCK_SIZE: Final = 4096
 NBD_MAX_STRING: Final = 4096  # proto.md: names and messages MUST be no longer than this
 NBD_ZERO_PAD_LEN: Final = 124  # zeroes after the NBD_OPT_EXPORT_NAME reply unless NO_ZEROES
+
+# --- structured replies and block status ------------------------------------------------
+
+NBD_REPLY_FLAG_DONE: Final = 1 << 0
+NBD_REPLY_TYPE_NONE: Final = 0
+NBD_REPLY_TYPE_OFFSET_DATA: Final = 1
+NBD_REPLY_TYPE_OFFSET_HOLE: Final = 2
+NBD_REPLY_TYPE_BLOCK_STATUS: Final = 5
+NBD_REPLY_TYPE_ERROR: Final = (1 << 15) | 1
+NBD_REPLY_TYPE_ERROR_OFFSET: Final = (1 << 15) | 2
+NBD_STRUCTURED_REPLY_HEADER_SIZE: Final = 20  # magic u32, flags u16, type u16, cookie u64, length u32
+
+NBD_STATE_HOLE: Final = 1 << 0  # base:allocation: not allocated
+NBD_STATE_ZERO: Final = 1 << 1  # base:allocation: reads as zeros
+
+# Metadata context names: the spec's one, and qemu's registered namespace
+# (qemu docs/interop/nbd.rst: the value is the depth of the backing-chain
+# layer holding the data, 0 = unallocated in the whole chain, 1 = the top).
+META_BASE_ALLOCATION: Final = "base:allocation"
+META_QEMU_ALLOCATION_DEPTH: Final = "qemu:allocation-depth"

@@ -7,11 +7,17 @@ in `export` and any bytes the client sent after its last option are in
 `trailing_data`.  `next_read_size` tells an I/O loop how many bytes would
 complete the next message, so it never reads past the handshake.
 
-Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO.  Only simple replies
-are spoken, so STRUCTURED_REPLY (and with it the meta-context options and
-BLOCK_STATUS) is refused with ERR_UNSUP, as are STARTTLS and every option
-this module does not know.  Export names are matched exactly; the empty name
-selects the default export.
+Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY
+(acknowledged only when the transmission side offers it), LIST/SET_META_CONTEXT
+(the contexts each export names) and STARTTLS.  Export names are matched
+exactly; the empty name selects the default export.
+
+TLS: after STARTTLS is acknowledged the state is `TLS_UPGRADE`; the I/O
+loop runs the TLS handshake and calls `tls_ready()`, which forgets what was
+negotiated before (proto.md: no state survives STARTTLS) and resumes option
+haggling.  With `TlsMode.REQUIRE` every option but STARTTLS and ABORT is
+answered NBD_REP_ERR_TLS_REQD until then, and EXPORT_NAME (which cannot be
+refused) ends the connection.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from . import metacontext
 from .constants import (
     IHAVEOPT,
     NBD_FLAG_C_FIXED_NEWSTYLE,
@@ -41,13 +48,20 @@ from .constants import (
     NBD_OPT_GO,
     NBD_OPT_INFO,
     NBD_OPT_LIST,
+    NBD_OPT_LIST_META_CONTEXT,
     NBD_OPT_REPLY_MAGIC,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_OPT_STARTTLS,
+    NBD_OPT_STRUCTURED_REPLY,
     NBD_PREFERRED_BLOCK_SIZE,
     NBD_REP_ACK,
     NBD_REP_ERR_INVALID,
+    NBD_REP_ERR_POLICY,
+    NBD_REP_ERR_TLS_REQD,
     NBD_REP_ERR_UNKNOWN,
     NBD_REP_ERR_UNSUP,
     NBD_REP_INFO,
+    NBD_REP_META_CONTEXT,
     NBD_REP_SERVER,
     NBD_ZERO_PAD_LEN,
     NBDMAGIC,
@@ -65,9 +79,11 @@ INFO_BLOCK_SIZE: Final = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum,
 
 SERVER_HANDSHAKE_FLAGS: Final = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES
 KNOWN_CLIENT_FLAGS: Final = NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-# The longest legitimate option is INFO/GO: u32 name length, a name of at
-# most NBD_MAX_STRING bytes, u16 count and a handful of u16 requests.
-MAX_OPTION_LENGTH: Final = 4 + NBD_MAX_STRING + 2 + 2 * 64
+# The longest legitimate option is SET/LIST_META_CONTEXT: u32 name length, a
+# name of at most NBD_MAX_STRING bytes, u32 count and up to MAX_QUERIES
+# queries of at most NBD_MAX_STRING bytes each (INFO/GO are far shorter).
+MAX_OPTION_LENGTH: Final = 4 + NBD_MAX_STRING + 4 + metacontext.MAX_QUERIES * (4 + NBD_MAX_STRING)
+DEFAULT_BLOCK_SIZES: Final = (NBD_MIN_BLOCK_SIZE, NBD_PREFERRED_BLOCK_SIZE, NBD_MAX_PAYLOAD)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,17 +94,32 @@ class ExportInfo:
     size: int
     flags: int
     description: str = ""
+    contexts: tuple[str, ...] = ()  # metadata contexts BLOCK_STATUS can answer for
+    block_sizes: tuple[int, int, int] = DEFAULT_BLOCK_SIZES  # minimum, preferred, maximum
 
     def __post_init__(self) -> None:
         if len(self.name.encode()) > NBD_MAX_STRING or len(self.description.encode()) > NBD_MAX_STRING:
             raise LocalProtocolError(f"export name or description longer than {NBD_MAX_STRING} bytes")
         if not 0 <= self.size < 1 << 64 or not 0 <= self.flags < 1 << 16:
             raise LocalProtocolError(f"export size {self.size} or flags {self.flags:#x} do not fit their fields")
+        low, preferred, high = self.block_sizes
+        # proto.md: powers of two, min <= 64 KiB, preferred >= min, max a multiple of min.
+        if not all(v > 0 and v & (v - 1) == 0 for v in (low, preferred)) or low > 65536 or preferred < low or (
+            high % low or high < preferred or high >= 1 << 32
+        ):
+            raise LocalProtocolError(f"block sizes {self.block_sizes} break the NBD_INFO_BLOCK_SIZE rules")
+
+
+class TlsMode(enum.Enum):
+    OFF = "off"  # STARTTLS refused with ERR_POLICY
+    ON = "on"  # STARTTLS accepted; plain clients too
+    REQUIRE = "require"  # nothing but STARTTLS and ABORT before the upgrade
 
 
 class State(enum.Enum):
     CLIENT_FLAGS = "waiting for the client flags"
     OPTIONS = "option haggling"
+    TLS_UPGRADE = "STARTTLS acknowledged; the TLS handshake is due"
     TRANSMISSION = "export chosen; transmission phase"
     ABORTED = "client aborted the handshake"
     CLOSED = "stream ended during the handshake"
@@ -100,6 +131,8 @@ class Event(enum.Enum):
     OPTION = "option"
     ABORT = "NBD_OPT_ABORT"
     CHOSEN = "export chosen"
+    STARTTLS = "NBD_OPT_STARTTLS acknowledged"
+    TLS_READY = "TLS established"
     EOF = "end of stream"
 
 
@@ -110,6 +143,9 @@ TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
     (State.OPTIONS, Event.ABORT): State.ABORTED,
     (State.OPTIONS, Event.CHOSEN): State.TRANSMISSION,
     (State.OPTIONS, Event.EOF): State.CLOSED,
+    (State.OPTIONS, Event.STARTTLS): State.TLS_UPGRADE,
+    (State.TLS_UPGRADE, Event.TLS_READY): State.OPTIONS,
+    (State.TLS_UPGRADE, Event.EOF): State.CLOSED,
     (State.ABORTED, Event.EOF): State.ABORTED,
 }
 
@@ -121,14 +157,28 @@ def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
 class ServerHandshake:
     """Negotiates one connection against a fixed set of exports ("" = the default)."""
 
-    def __init__(self, exports: Mapping[str, ExportInfo], default: str | None = None) -> None:
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        default: str | None = None,
+        *,
+        structured: bool = False,
+        tls: TlsMode = TlsMode.OFF,
+    ) -> None:
         self._exports = dict(exports)
         if default is not None:
             self._exports.setdefault("", self._exports[default])
+        self._offer_structured = structured  # the transmission side can send structured replies
+        self.tls_mode = tls
         self.state = State.CLIENT_FLAGS
         self.no_zeroes = False
         self.fixed_newstyle = False
+        self.tls_active = False
         self.export: ExportInfo | None = None
+        self.structured = False  # negotiated with NBD_OPT_STRUCTURED_REPLY
+        self.meta_contexts: dict[int, str] = {}  # id -> name, for the chosen export
+        self._meta_export: ExportInfo | None = None  # what the last SET_META_CONTEXT named
+        self._meta_selected: dict[int, str] = {}
         self.trailing_data = b""
         self._buffer = bytearray()
         self._error: RemoteProtocolError | None = None  # deferred so replies produced before it are returned
@@ -151,6 +201,14 @@ class ServerHandshake:
 
     def _current_state(self) -> State:
         return self.state
+
+    def tls_ready(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: forget earlier options and haggle on."""
+        self._transition(Event.TLS_READY)
+        self.tls_active = True
+        self.structured = False
+        self._meta_export = None
+        self._meta_selected = {}
 
     def _transition(self, event: Event) -> None:
         try:
@@ -225,13 +283,25 @@ class ServerHandshake:
             self._buffer.clear()
         elif ended is State.ABORTED:
             self._buffer.clear()  # the client must hang up; whatever followed ABORT is moot
+        elif ended is State.TLS_UPGRADE and self._buffer:
+            # The I/O loop reads only up to the end of each option, so this is a test feeding
+            # more; such bytes could only be the client's TLS hello, which is not ours to parse.
+            raise RemoteProtocolError(f"{len(self._buffer)} bytes arrived behind STARTTLS before its reply")
 
     def _option(self, option: int, data: bytes) -> bytes:
-        if option == NBD_OPT_EXPORT_NAME:
-            return self._export_name(data)
         if option == NBD_OPT_ABORT:
             self._transition(Event.ABORT)
             return option_reply(option, NBD_REP_ACK)
+        if self.tls_mode is TlsMode.REQUIRE and not self.tls_active and option != NBD_OPT_STARTTLS:
+            if option == NBD_OPT_EXPORT_NAME:
+                # EXPORT_NAME cannot be answered with an error: proto.md says hang up.
+                raise RemoteProtocolError("client chose an export with NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required")
+            self._transition(Event.OPTION)
+            return option_reply(option, NBD_REP_ERR_TLS_REQD, b"this server requires TLS: send NBD_OPT_STARTTLS first")
+        if option == NBD_OPT_EXPORT_NAME:
+            return self._export_name(data)
+        if option == NBD_OPT_STARTTLS:
+            return self._starttls(data)
         self._transition(Event.OPTION)
         if option == NBD_OPT_LIST:
             if data:
@@ -241,7 +311,58 @@ class ServerHandshake:
             return b"".join(replies) + option_reply(option, NBD_REP_ACK)
         if option in (NBD_OPT_INFO, NBD_OPT_GO):
             return self._info(option, data)
-        return option_reply(option, NBD_REP_ERR_UNSUP, b"option not supported (simple replies only, no TLS)")
+        if option == NBD_OPT_STRUCTURED_REPLY:
+            if data:
+                return option_reply(option, NBD_REP_ERR_INVALID, b"STRUCTURED_REPLY takes no data")
+            if not self._offer_structured:
+                return option_reply(option, NBD_REP_ERR_UNSUP, b"this connection speaks simple replies only")
+            self.structured = True
+            return option_reply(option, NBD_REP_ACK)
+        if option in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
+            return self._meta_context(option, data)
+        return option_reply(option, NBD_REP_ERR_UNSUP, b"option not supported")
+
+    def _starttls(self, data: bytes) -> bytes:
+        self._transition(Event.OPTION)
+        if data:
+            return option_reply(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, b"STARTTLS takes no data")
+        if self.tls_mode is TlsMode.OFF:
+            return option_reply(NBD_OPT_STARTTLS, NBD_REP_ERR_POLICY, b"TLS is not configured on this server")
+        if self.tls_active:
+            return option_reply(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, b"TLS is already established")
+        self._transition(Event.STARTTLS)
+        return option_reply(NBD_OPT_STARTTLS, NBD_REP_ACK)
+
+    def _meta_context(self, option: int, data: bytes) -> bytes:
+        setting = option == NBD_OPT_SET_META_CONTEXT
+        if setting:
+            # proto.md: SET replaces the selection even when it fails.
+            self._meta_export, self._meta_selected = None, {}
+        if not self.structured:
+            return option_reply(option, NBD_REP_ERR_INVALID, b"negotiate NBD_OPT_STRUCTURED_REPLY first")
+        try:
+            raw_name, queries = metacontext.parse(data)
+        except metacontext.BadMetaRequest as exc:
+            return option_reply(option, NBD_REP_ERR_INVALID, str(exc).encode())
+        name = self._decode_name(raw_name)
+        info = self._exports.get(name) if name is not None else None
+        if info is None:
+            return option_reply(option, NBD_REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+        if setting:
+            names = metacontext.for_set(info.contexts, queries)
+            self._meta_export = info
+            self._meta_selected = {metacontext.context_id(info.contexts, n): n for n in names}
+            items: Sequence[tuple[int, str]] = sorted(self._meta_selected.items())
+        else:
+            items = [(0, n) for n in metacontext.for_list(info.contexts, queries)]  # LIST ids are reserved: 0
+        out = b"".join(option_reply(option, NBD_REP_META_CONTEXT, struct.pack(">I", i) + n.encode()) for i, n in items)
+        return out + option_reply(option, NBD_REP_ACK)
+
+    def _choose(self, info: ExportInfo) -> None:
+        self.export = info
+        # Contexts count only when the last SET named the export chosen now (proto.md).
+        self.meta_contexts = dict(self._meta_selected) if self._meta_export is info else {}
+        self._transition(Event.CHOSEN)
 
     def _export_name(self, data: bytes) -> bytes:
         name = self._decode_name(data)
@@ -249,8 +370,7 @@ class ServerHandshake:
         if info is None:
             # No way to send an error after EXPORT_NAME: the spec says hang up.
             raise RemoteProtocolError(f"client asked for unknown export {name!r} with NBD_OPT_EXPORT_NAME")
-        self.export = info
-        self._transition(Event.CHOSEN)
+        self._choose(info)
         pad = b"" if self.no_zeroes else bytes(NBD_ZERO_PAD_LEN)
         return EXPORT_NAME_REPLY.pack(info.size, info.flags) + pad
 
@@ -284,12 +404,11 @@ class ServerHandshake:
             out += option_reply(
                 option, NBD_REP_INFO, struct.pack(">H", NBD_INFO_DESCRIPTION) + info.description.encode()
             )
-        # Sent even when not asked for: these are the spec's defaults, so a
-        # client that ignores the item loses nothing.
-        block_size = INFO_BLOCK_SIZE.pack(NBD_INFO_BLOCK_SIZE, NBD_MIN_BLOCK_SIZE, NBD_PREFERRED_BLOCK_SIZE, NBD_MAX_PAYLOAD)
+        # Sent even when not asked for: the server copes with any alignment
+        # (the minimum is 1), so a client that ignores the item loses nothing.
+        block_size = INFO_BLOCK_SIZE.pack(NBD_INFO_BLOCK_SIZE, *info.block_sizes)
         out += option_reply(option, NBD_REP_INFO, block_size)
         out += option_reply(option, NBD_REP_ACK)
         if option == NBD_OPT_GO:
-            self.export = info
-            self._transition(Event.CHOSEN)
+            self._choose(info)
         return out
