@@ -198,7 +198,8 @@ def test_export_with_allow_remote_gets_past_the_address_check(tmp_path: Path,
 
     monkeypatch.setattr(export_cmd, "SocketServer", Stub)
     args = argparse.Namespace(tcp="0.0.0.0:10809", unix=None, allow_remote=True, read_only=True, name=None,
-                              image=str(image), verbose=False)
+                              images=[str(image)], dir=None, description=None, tls=None, tls_cert=None,
+                              tls_key=None, tls_ca=None, verbose=False)
     with pytest.raises(ConfigError, match="stub server"):
         export_cmd.run(args)
     assert seen == [("0.0.0.0", 10809)]

@@ -40,19 +40,19 @@ from .constants import (
     NBD_SIMPLE_REPLY_MAGIC,
 )
 from .export import Export, Stats
-from .handshake import ServerHandshake
-from .handshake import State as HandshakeState
+from .negotiate import Catalog, negotiate
 
 log = logging.getLogger(__name__)
 
 _FIRST_WRITE_BUFFER = 256 * 1024  # grows on demand up to NBD_MAX_PAYLOAD; most writes are <= 128 KiB
 _STOP_POLL_SECONDS = 0.2
+_RELAY_DRAIN_SECONDS = 30.0  # time the TLS relay gets to deliver the last replies
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # proto.md: map these to NBD_ENOSPC
 _PERMISSION_ERRNOS = frozenset({errno.EPERM, errno.EROFS, errno.EACCES})
 
 
 def serve_connection(
-    sock: socket.socket, export: Export, *, handshake: bool, stop: threading.Event | None = None
+    sock: socket.socket, export: Export | Catalog, *, handshake: bool, stop: threading.Event | None = None
 ) -> None:
     """Serve one connected stream socket until DISC, EOF, a protocol error or `stop`.
 
@@ -72,10 +72,18 @@ def serve_connection(
             target=_watch_stop, args=(sock, stop, done, done_lock), name="nbd-stop-watch", daemon=True
         )
         watcher.start()
+    serving = sock
+    relay: threading.Thread | None = None
     try:
-        if handshake and not _negotiate(sock, export):
-            return
-        _Connection(sock, export).run()
+        if handshake:
+            session = negotiate(sock, export if isinstance(export, Catalog) else Catalog.of(export))
+            if session is None:
+                return
+            serving, relay, chosen = session.sock, session.relay, session.export
+        else:
+            assert isinstance(export, Export)
+            chosen = export
+        _Connection(serving, chosen).run()
     except RemoteProtocolError as exc:
         log.warning("closing NBD connection: client broke the protocol: %s", exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
@@ -83,6 +91,12 @@ def serve_connection(
     except OSError as exc:
         log.warning("closing NBD connection: socket error: %s", exc)
     finally:
+        if serving is not sock:
+            # The plain end of a TLS relay: closing it lets the relay send the last replies
+            # and say goodbye before the connection underneath is shut down.
+            serving.close()
+            if relay is not None:
+                relay.join(_RELAY_DRAIN_SECONDS)
         with done_lock:
             done.set()
             try:
@@ -105,20 +119,6 @@ def _watch_stop(sock: socket.socket, stop: threading.Event, done: threading.Even
             sock.shutdown(socket.SHUT_RD)
         except OSError as exc:
             log.debug("shutdown of a stopping NBD connection failed: %s", exc)
-
-
-def _negotiate(sock: socket.socket, export: Export) -> bool:
-    """Run the handshake; True when the client chose the export."""
-    hs = ServerHandshake({export.name: export.info()}, default=export.name)
-    sock.sendall(hs.greeting())
-    while hs.state in (HandshakeState.CLIENT_FLAGS, HandshakeState.OPTIONS):
-        # Read exactly what completes the next message so no transmission bytes are swallowed.
-        out = hs.feed(sock.recv(hs.next_read_size))
-        if out:
-            sock.sendall(out)
-    if hs.state is HandshakeState.ERROR:
-        hs.feed(b"")  # raises the error that was deferred behind replies already sent
-    return hs.state is HandshakeState.TRANSMISSION
 
 
 def _errno_for(exc: Exception, what: str) -> int:

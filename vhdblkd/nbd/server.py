@@ -21,18 +21,19 @@ import time
 from ..errors import ConfigError
 from .connection import serve_connection
 from .export import Export, Stats, transmission_flags
+from .negotiate import Catalog
 
-__all__ = ["Export", "SocketServer", "Stats", "serve_connection", "transmission_flags"]
+__all__ = ["Catalog", "Export", "SocketServer", "Stats", "serve_connection", "transmission_flags"]
 
 log = logging.getLogger(__name__)
 
 
 class SocketServer:
-    """Listens on `unix_path` or `tcp` (host, port) and serves `export` to each client."""
+    """Listens on `unix_path` or `tcp` (host, port) and serves an export (or a catalog of them)."""
 
     def __init__(
         self,
-        export: Export,
+        export: Export | Catalog,
         *,
         unix_path: str | None = None,
         tcp: tuple[str, int] | None = None,
@@ -41,7 +42,8 @@ class SocketServer:
     ) -> None:
         if (unix_path is None) == (tcp is None):
             raise ConfigError("give exactly one of a unix socket path or a TCP address to listen on")
-        self.export = export
+        self.catalog = export if isinstance(export, Catalog) else Catalog.of(export)
+        self.export = self.catalog.exports[0]  # the default export
         self.drain_seconds = drain_seconds
         self._unix_path = unix_path
         self._stop = threading.Event()
@@ -137,7 +139,7 @@ class SocketServer:
     def _serve_client(self, conn: socket.socket, peer: object) -> None:
         log.info("NBD client connected: %s", peer or "unix socket")
         try:
-            serve_connection(conn, self.export, handshake=True, stop=self._stop)
+            serve_connection(conn, self.catalog, handshake=True, stop=self._stop)
         finally:
             conn.close()
             with self._lock:
@@ -180,8 +182,9 @@ class SocketServer:
                 os.unlink(self._unix_path)
             except FileNotFoundError:
                 pass
-        if not self.export.read_only and self.export.can_flush:
-            self.export.backend.flush()
+        for export in self.catalog.exports:
+            if not export.read_only and export.can_flush:
+                export.backend.flush()
 
     def __enter__(self) -> SocketServer:
         return self
