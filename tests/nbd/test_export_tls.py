@@ -16,7 +16,7 @@ from vhdblkd.nbd import constants as c
 from vhdblkd.vhd.create import create_dynamic, create_fixed
 
 from .client import recv_exact
-from .test_export_cmd import MiB, VHDBLKD, exporting, run
+from .test_export_cmd import VHDBLKD, MiB, exporting, run
 from .tlscerts import make_pki, make_rogue_client
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(300)]

@@ -178,7 +178,7 @@ def _serve(catalog: Catalog, args: argparse.Namespace, tcp: tuple[str, int] | No
         address = server.address
         where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
         mode = "read-only" if args.read_only else "read-write"
-        for export, (_, path) in zip(catalog.exports, pairs):
+        for export, (_, path) in zip(catalog.exports, pairs, strict=True):
             log.info("export %r: %s (%s, %d bytes)", export.name, path, mode, export.size)
         log.info(
             "serving %d export(s), TLS %s, on %s", len(catalog.exports), catalog.tls.mode.value, where

@@ -303,6 +303,10 @@ class ServerHandshake:
         if option == NBD_OPT_STARTTLS:
             return self._starttls(data)
         self._transition(Event.OPTION)
+        return self._haggle(option, data)
+
+    def _haggle(self, option: int, data: bytes) -> bytes:
+        """The options that leave the handshake in OPTIONS."""
         if option == NBD_OPT_LIST:
             if data:
                 return option_reply(option, NBD_REP_ERR_INVALID, b"LIST takes no data")

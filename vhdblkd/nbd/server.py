@@ -182,6 +182,9 @@ class SocketServer:
                 os.unlink(self._unix_path)
             except FileNotFoundError:
                 pass
+        self._flush_exports()
+
+    def _flush_exports(self) -> None:
         for export in self.catalog.exports:
             if not export.read_only and export.can_flush:
                 export.backend.flush()
