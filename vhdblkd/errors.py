@@ -34,6 +34,10 @@ class ParentError(VhdError):
     """A differencing image's parent is missing, does not match, or is unsafe."""
 
 
+class ParentTimestampMismatch(ParentError):
+    """The parent's mtime differs from the child's record, and strict_parent_timestamp refuses that."""
+
+
 class ImageLocked(VhdError):
     """The image is already open read-write elsewhere (or read-only, for a writer)."""
 

@@ -174,17 +174,18 @@ def test_parent_unique_id_mismatch(tmp_path: Path) -> None:
     assert [p.code for p in check_image(str(child)).problems] == ["parent-mismatch"]
 
 
-def test_parent_timestamp_mismatch(tmp_path: Path) -> None:
+def test_parent_timestamp_mismatch_is_reported_not_refused(tmp_path: Path) -> None:
     parent = tmp_path / "base.vhd"
-    make_parent(parent)
+    content = make_parent(parent)
     child = tmp_path / "child.vhd"
     create_differencing(str(child), str(parent))
     st = os.stat(parent)
     os.utime(parent, (st.st_atime, st.st_mtime + 3600))
-    with pytest.raises(ParentError, match="modified after the child was created"):
-        open_image(str(child), read_only=True)
-    with open_image(str(child), read_only=True, allow_unsafe_parent=True):
-        pass
+    with open_image(str(child), read_only=True) as image:
+        assert bytes(image.read(0, SIZE)) == content
+        assert image.parent_link is not None and not image.parent_link.timestamp_matches
+    with pytest.raises(ParentError, match="strict_parent_timestamp"):
+        open_image(str(child), read_only=True, strict_parent_timestamp=True)
 
 
 def test_parent_is_locked_shared(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from vhdblkd.backend import Buffer, FuaMode
 from vhdblkd.errors import ReadOnlyImage
@@ -16,6 +17,9 @@ from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.structs import DynamicHeader, Footer
 from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
+
+if TYPE_CHECKING:
+    from vhdblkd.vhd.parent import ParentLink
 
 
 def _fourcc(raw: bytes) -> str:
@@ -37,6 +41,8 @@ class VhdImage:
         self.header: DynamicHeader | None = layout.header
         self.block_size: int | None = None
         self.parent: VhdImage | None = None
+        # How a differencing image found its parent and how the parent compares (set by open_image).
+        self.parent_link: ParentLink | None = None
         self._size = layout.virtual_size
         self._read_only = read_only
         self._lock = lock

@@ -25,6 +25,7 @@ from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry, size_for_create
 from vhdblkd.vhd.layout import round_up_sector
+from vhdblkd.vhd.parent import locator_texts, parent_name_field
 from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator
 from vhdblkd.vhd.timestamp import vhd_mtime, vhd_now
 
@@ -154,31 +155,23 @@ def create_differencing(path: str, parent_path: str, *, block_size: int | None =
     if block_size is None:
         block_size = pblock or c.DEFAULT_BLOCK_SIZE
     _check_block_size(block_size)
-    child_dir = os.path.dirname(os.path.abspath(path))
-    rel = os.path.relpath(parent_abs, child_dir)
-    locator_texts: list[tuple[bytes, str]] = []
-    if relative:
-        rel_win = rel.replace("/", "\\")
-        locator_texts.append((c.PLATFORM_W2RU, rel_win if rel_win.startswith("..") else ".\\" + rel_win))
-    locator_texts.append((c.PLATFORM_W2KU, parent_abs))
     entries = -(-psize // block_size)
     header_offset = c.FOOTER_SIZE
     table_offset = header_offset + c.HEADER_SIZE
     pos = table_offset + round_up_sector(entries * c.BAT_ENTRY_SIZE)
     locators: list[ParentLocator] = []
     extra: list[tuple[int, bytes]] = []
-    for code, text in locator_texts:
+    for code, text in locator_texts(path, parent_abs, relative=relative):
         data = _utf16le_locator(text)
         space = round_up_sector(max(len(data), 1))
         locators.append(ParentLocator(code, space // c.SECTOR_SIZE, len(data), pos))
         extra.append((pos, data + bytes(space - len(data))))
         pos += space
     locators.extend(ParentLocator() for _ in range(c.PARENT_LOCATOR_COUNT - len(locators)))
-    name = os.path.basename(parent_abs).encode("utf-16-be")[: c.PARENT_NAME_SIZE]
     header = DynamicHeader(
         table_offset=table_offset, max_table_entries=entries, block_size=block_size,
         parent_unique_id=pfooter.unique_id, parent_timestamp=vhd_mtime(pmtime),
-        parent_unicode_name=name + bytes(c.PARENT_NAME_SIZE - len(name)),
+        parent_unicode_name=parent_name_field(parent_abs),
         parent_locators=tuple(locators))
     # Same size and geometry as the parent; 'vhdb' means "current size is the size".
     geometry = Geometry(pfooter.cylinders, pfooter.heads, pfooter.sectors_per_track)

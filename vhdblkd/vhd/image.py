@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable
 
 from vhdblkd.errors import ParentError, VhdError
@@ -17,7 +16,6 @@ from vhdblkd.vhd.layout import scan
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader
-from vhdblkd.vhd.timestamp import vhd_mtime
 
 __all__ = ["VhdImage", "FixedImage", "DynamicImage", "DifferencingImage", "open_image"]
 
@@ -27,13 +25,19 @@ MAX_CHAIN_DEPTH = 64
 
 
 def open_image(path: str, *, read_only: bool = False, allow_unsafe_parent: bool = False,
-               lock: bool = True, file_factory: FileFactory = ImageFile) -> VhdImage:
-    """Open a VHD image (any type); a read-write open repairs what recovery may repair."""
-    return _open(path, read_only=read_only, allow_unsafe_parent=allow_unsafe_parent, lock=lock,
-                 file_factory=file_factory, depth=0)
+               strict_parent_timestamp: bool = False, lock: bool = True,
+               file_factory: FileFactory = ImageFile) -> VhdImage:
+    """Open a VHD image (any type); a read-write open repairs what recovery may repair.
+
+    allow_unsafe_parent: follow parents outside the child's directory.
+    strict_parent_timestamp: refuse a parent whose mtime differs from what its child records
+    (by default the unique id alone decides; the mismatch is in each image's parent_link).
+    """
+    return _open(path, read_only=read_only, allow_unsafe_parent=allow_unsafe_parent,
+                 strict_parent_timestamp=strict_parent_timestamp, lock=lock, file_factory=file_factory, depth=0)
 
 
-def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
+def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, strict_parent_timestamp: bool, lock: bool,
           file_factory: FileFactory, depth: int) -> VhdImage:
     image_lock = ImageLock(path, exclusive=not read_only) if lock else None
     f: ImageFile | None = None
@@ -56,12 +60,13 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
             assert lay.header is not None
             # The child's size need not match the parent's: a grown child reads zeros past the
             # parent's end, a smaller one simply never sees the parent's tail.
-            parent = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
-                                  lock=lock, file_factory=file_factory, depth=depth)
+            parent, link = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
+                                        strict_parent_timestamp=strict_parent_timestamp, lock=lock,
+                                        file_factory=file_factory, depth=depth)
             try:
-                vet_parent(path, lay.header.parent_unique_id, lay.header.parent_timestamp, parent,
-                            allow_unsafe_parent)
+                parent_mod.vet(link, strict_timestamp=strict_parent_timestamp)
                 image = DifferencingImage(path, f, lay, read_only=read_only, lock=image_lock, parent=parent)
+                image.parent_link = link
             except BaseException:
                 parent.close()
                 raise
@@ -74,35 +79,19 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, lock: bool,
         raise
 
 
-def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsafe_parent: bool, lock: bool,
-                 file_factory: FileFactory, depth: int) -> VhdImage:
+def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsafe_parent: bool,
+                 strict_parent_timestamp: bool, lock: bool, file_factory: FileFactory,
+                 depth: int) -> tuple[VhdImage, parent_mod.ParentLink]:
     if depth >= MAX_CHAIN_DEPTH:
         raise ParentError(f"{child}: the parent chain is more than {MAX_CHAIN_DEPTH} images deep (a loop?)")
     exists = getattr(file_factory, "exists", os.path.isfile)
-    parent_path = parent_mod.locate(f, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
+    found_by, parent_path = parent_mod.find(f, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
     try:
-        return _open(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe_parent, lock=lock,
-                     file_factory=file_factory, depth=depth + 1)
+        parent = _open(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe_parent,
+                       strict_parent_timestamp=strict_parent_timestamp, lock=lock,
+                       file_factory=file_factory, depth=depth + 1)
     except ParentError:
         raise
     except VhdError as exc:
         raise ParentError(f"{child}: cannot open parent {parent_path}: {exc}") from exc
-
-
-def vet_parent(child: str, parent_uid: bytes, parent_timestamp: int, parent: VhdImage,
-                allow_unsafe_parent: bool) -> None:
-    if parent.footer.unique_id != parent_uid:
-        raise ParentError(
-            f"{child}: parent {parent.path} has unique id {uuid.UUID(bytes=parent.footer.unique_id)}, "
-            f"but the child expects {uuid.UUID(bytes=parent_uid)}: it is a different image; "
-            "find the right parent (writing through a wrong parent corrupts the child's view)")
-    if allow_unsafe_parent:
-        return
-    found = vhd_mtime(parent.file_mtime())
-    if parent_timestamp != found:
-        raise ParentError(
-            f"{child}: parent {parent.path} was modified after the child was created (dynamic header "
-            f"field parent_timestamp expected {parent_timestamp}, the parent's mtime gives {found}); "
-            "if the parent's content is unchanged, pass allow_unsafe_parent=True "
-            "(vhdblkctl: --allow-unsafe-parent)")
-
+    return parent, parent_mod.link_to(child, header, found_by, parent)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from vhdblkd.errors import ParentError, UnsupportedImage
+from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
@@ -46,21 +46,20 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
             raise UnsupportedImage(f"{child}: only a differencing image can be merged into its parent")
         header = lay.header
         exists = getattr(file_factory, "exists", os.path.isfile)
-        parent_path = parent_mod.locate(m.file, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
+        found_by, parent_path = parent_mod.find(m.file, header, child, allow_unsafe=allow_unsafe_parent,
+                                                exists=exists)
         spb = lay.block_size // c.SECTOR_SIZE
         allocated = [(i, e) for i, e in enumerate(lay.bat) if e != c.BAT_UNUSED and i < lay.total_blocks]
         copied = 0
         with open_image(parent_path, read_only=False, lock=lock, allow_unsafe_parent=allow_unsafe_parent,
                         file_factory=file_factory) as parent:
-            if parent.footer.unique_id != header.parent_unique_id:
-                raise ParentError(f"{child}: {parent_path} is not this child's parent (unique id differs); "
-                                  "nothing was merged")
+            # The unique id must match (the message says how to repoint); the timestamp need not.
+            parent_mod.vet(parent_mod.link_to(child, header, found_by, parent), strict_timestamp=False)
             if lay.virtual_size > parent.size:
                 # Silently dropping the child's sectors past the parent's end would lose data.
                 raise UnsupportedImage(
                     f"{child}: the child is {lay.virtual_size} bytes, its parent {parent.size}; resize the "
-                    f"parent to at least {lay.virtual_size} bytes first (then merge with allow_unsafe_parent: "
-                    "resizing changes the parent's timestamp); nothing was merged")
+                    f"parent to at least {lay.virtual_size} bytes first; nothing was merged")
             limit = min(lay.virtual_size, parent.size)
             for n, (block, entry) in enumerate(allocated):
                 progress(n, len(allocated))

@@ -5,17 +5,29 @@ locator (absolute, UTF-16LE), the header's parent name (UTF-16BE) taken
 relative to the child's directory, and that name's last component in the
 child's directory.  A candidate that resolves (after symlinks) outside the
 child's directory is refused unless allow_unsafe_parent is set: a crafted
-child must not make the daemon open arbitrary files.
+child must not make the daemon open arbitrary files.  That switch means
+only this.
+
+The parent's unique id is its identity: a parent whose id differs from the
+one the child records is refused, always.  The parent timestamp is advisory:
+Windows 10 writes 0 there and copying a chain gives the parent a new mtime
+with the data unchanged (Xen's blktap compares it only in a strict mode that
+is off by default).  A mismatch is reported (ParentLink.timestamp_matches);
+only strict_parent_timestamp refuses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import uuid
 from collections.abc import Callable
 
-from vhdblkd.errors import ParentError
+from vhdblkd.errors import ParentError, ParentTimestampMismatch
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.base import VhdImage
+from vhdblkd.vhd.timestamp import vhd_mtime, vhd_timestamp_to_iso
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import MAX_LOCATOR_LENGTH
 from vhdblkd.vhd.structs import DynamicHeader
@@ -68,6 +80,28 @@ def candidates(f: ImageFile, header: DynamicHeader, child_path: str) -> list[tup
     return found
 
 
+def locator_texts(child_path: str, parent_path: str, *, relative: bool = True) -> list[tuple[bytes, str]]:
+    """(platform code, text) of the locators pointing `child_path` at `parent_path`, as Windows writes them.
+
+    W2ru: the path relative to the child's directory with backslashes, `.\\` first unless it
+    starts with `..`; W2ku: the absolute path (a POSIX one here; readers on Windows fall back to
+    the relative locator or the parent name).  Both are stored UTF-16LE.
+    """
+    parent_abs = os.path.abspath(parent_path)
+    texts: list[tuple[bytes, str]] = []
+    if relative:
+        rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(child_path))).replace("/", "\\")
+        texts.append((c.PLATFORM_W2RU, rel if rel.startswith("..") else ".\\" + rel))
+    texts.append((c.PLATFORM_W2KU, parent_abs))
+    return texts
+
+
+def parent_name_field(parent_path: str) -> bytes:
+    """The header's parent unicode name: the parent's file name, UTF-16BE, NUL padded."""
+    name = os.path.basename(os.path.abspath(parent_path)).encode("utf-16-be")[: c.PARENT_NAME_SIZE]
+    return name + bytes(c.PARENT_NAME_SIZE - len(name))
+
+
 def is_within(path: str, directory: str) -> bool:
     real = os.path.realpath(path)
     root = os.path.realpath(directory)
@@ -77,6 +111,12 @@ def is_within(path: str, directory: str) -> bool:
 def locate(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool,
            exists: Callable[[str], bool] = os.path.isfile) -> str:
     """The parent's path, or ParentError saying what was tried and what to do."""
+    return find(f, header, child_path, allow_unsafe=allow_unsafe, exists=exists)[1]
+
+
+def find(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool,
+         exists: Callable[[str], bool] = os.path.isfile) -> tuple[str, str]:
+    """(what found it, the parent's path), or ParentError saying what was tried and what to do."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     tried: list[str] = []
     unsafe: list[str] = []
@@ -88,11 +128,85 @@ def locate(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe
         if not allow_unsafe and not is_within(norm, child_dir):
             unsafe.append(f"{what} {norm}")
             continue
-        return norm
+        return what, norm
     if unsafe:
         raise ParentError(
             f"{child_path}: the parent image ({'; '.join(unsafe)}) lies outside the child's directory "
-            f"{child_dir}; pass allow_unsafe_parent=True (vhdblkctl: --allow-unsafe-parent) if you trust it")
+            f"{child_dir}; pass allow_unsafe_parent=True (vhdblkctl: --allow-unsafe-parent, vhdtab: "
+            "allow_unsafe_parent) if you trust it")
     raise ParentError(
         f"{child_path}: parent image not found (tried: {'; '.join(tried) or 'no locator or name present'}); "
         "put the parent next to the child or fix the locators")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParentLink:
+    """One child-to-parent step of a chain: where the parent was found and how it compares.
+
+    Timestamps are VHD seconds; expected_timestamp is the child's parent_timestamp
+    field (0: not recorded, as Windows 10 writes), timestamp the parent file's mtime.
+    """
+
+    child: str
+    path: str
+    found_by: str
+    expected_unique_id: bytes
+    unique_id: bytes
+    expected_timestamp: int
+    timestamp: int
+
+    @property
+    def id_matches(self) -> bool:
+        return self.unique_id == self.expected_unique_id
+
+    @property
+    def timestamp_matches(self) -> bool:
+        return self.timestamp == self.expected_timestamp
+
+    def timestamp_note(self) -> str:
+        """Why the timestamps differ, in words, and that it is harmless by itself."""
+        now = vhd_timestamp_to_iso(self.timestamp)
+        if self.expected_timestamp == 0:
+            what = (f"the child records no parent timestamp (0, as Windows 10 writes); the parent's "
+                    f"mtime is {now}")
+        else:
+            what = (f"the child records parent timestamp {vhd_timestamp_to_iso(self.expected_timestamp)}, "
+                    f"the parent's mtime is {now} (the parent was copied or touched)")
+        return f"{self.child}: parent {self.path}: {what}"
+
+    def describe(self) -> dict[str, object]:
+        """The link as JSON-friendly values."""
+        return {
+            "path": self.path,
+            "found_by": self.found_by,
+            "unique_id": str(uuid.UUID(bytes=self.unique_id)),
+            "expected_unique_id": str(uuid.UUID(bytes=self.expected_unique_id)),
+            "id_matches": self.id_matches,
+            "timestamp": vhd_timestamp_to_iso(self.timestamp),
+            "expected_timestamp": None if self.expected_timestamp == 0 else vhd_timestamp_to_iso(self.expected_timestamp),
+            "timestamp_matches": self.timestamp_matches,
+        }
+
+
+def link_to(child: str, header: DynamicHeader, found_by: str, parent: VhdImage) -> ParentLink:
+    """The link from `child` (whose dynamic header is `header`) to the opened `parent`."""
+    return ParentLink(child, parent.path, found_by, header.parent_unique_id, parent.footer.unique_id,
+                      header.parent_timestamp, vhd_mtime(parent.file_mtime()))
+
+
+def vet(link: ParentLink, *, strict_timestamp: bool) -> None:
+    """Refuse a parent that is not the child's (ParentError); with strict_timestamp, a changed one too."""
+    if not link.id_matches:
+        expected = uuid.UUID(bytes=link.expected_unique_id)
+        raise ParentError(
+            f"{link.child}: parent {link.path} (found through the {link.found_by}) has unique id "
+            f"{uuid.UUID(bytes=link.unique_id)}, but the child expects {expected}: it is a different image "
+            "(reading through it would show wrong data). Point the child at the image whose unique id is "
+            f"{expected} with `vhdblkctl set-parent {link.child} PARENT`; only if {link.path} holds the "
+            f"very same data under a new id: `vhdblkctl set-parent --ignore-id-mismatch {link.child} {link.path}`")
+    if strict_timestamp and not link.timestamp_matches:
+        raise ParentTimestampMismatch(
+            f"{link.timestamp_note()}; refused because strict_parent_timestamp is set (vhdblkctl: "
+            "--strict-parent-timestamp, vhdtab: strict_parent_timestamp). The unique id matches: without "
+            f"that option the parent is accepted, or `vhdblkctl set-parent {link.child} {link.path}` records "
+            "the parent's current timestamp")
