@@ -22,8 +22,8 @@ from vhdblkd.vhd import parent as parent_mod
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, Problem, scan
-from vhdblkd.vhd.parent import ParentLink
 from vhdblkd.vhd.lock import ImageLock
+from vhdblkd.vhd.parent import ParentLink
 from vhdblkd.vhd.recovery import needs_repair
 from vhdblkd.vhd.recovery import repair as repair_layout
 from vhdblkd.vhd.structs import DynamicHeader

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from vhdblkd.errors import ParentError, ParentTimestampMismatch
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
-from vhdblkd.vhd.timestamp import vhd_mtime, vhd_timestamp_to_iso
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import MAX_LOCATOR_LENGTH
 from vhdblkd.vhd.structs import DynamicHeader
+from vhdblkd.vhd.timestamp import vhd_mtime, vhd_timestamp_to_iso
 
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 

@@ -28,13 +28,13 @@ from vhdblkd.errors import ParentError, UnsupportedImage
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
 from vhdblkd.vhd.base import VhdImage
-from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
 from vhdblkd.vhd.compact import Maintenance, maintain, write_bat_entry
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import FileFactory, open_image
 from vhdblkd.vhd.layout import round_up_sector, sectors_to_bytes
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader, ParentLocator
+from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -134,7 +134,7 @@ def _rewrite(m: Maintenance, header: DynamicHeader, texts: list[tuple[bytes, str
     at, moved = _room(m, need)
     locators: list[ParentLocator] = []
     pos = at
-    for (code, _), data in zip(texts, datas):
+    for (code, _), data in zip(texts, datas, strict=True):
         space = round_up_sector(len(data))
         m.file.pwrite(pos, data + bytes(space - len(data)))
         # The data space is in sectors, as the specification says.
