@@ -1,4 +1,4 @@
-"""Imports point down: vhd/ -> backend -> nbd/ -> daemon/ -> cli/ (STYLE.md rule 1)."""
+"""Imports point down: vhd/ -> backend -> request -> nbd/, ublk/ -> daemon/ -> cli/ (STYLE.md rule 1)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "vhdblkd"
 # backend.py's FuaMode and Buffer: backend.py is a leaf (stdlib only), so the
 # arrow still points down.
 FORBIDDEN = {
-    "vhd": ("vhdblkd.nbd", "vhdblkd.daemon", "vhdblkd.cli"),
+    "vhd": ("vhdblkd.request", "vhdblkd.nbd", "vhdblkd.ublk", "vhdblkd.daemon", "vhdblkd.cli"),
     "nbd": ("vhdblkd.vhd", "vhdblkd.daemon", "vhdblkd.cli"),
     "ublk": ("vhdblkd.vhd", "vhdblkd.nbd", "vhdblkd.daemon", "vhdblkd.cli"),
     "daemon": ("vhdblkd.cli",),
@@ -45,6 +45,12 @@ def _imports(path: Path) -> set[str]:
 
 def _modules() -> list[Path]:
     return sorted(p for p in PKG.rglob("*.py"))
+
+
+def test_request_layer_knows_no_transport_or_format() -> None:
+    imported = _imports(PKG / "request.py")
+    below = {"vhdblkd", "vhdblkd.backend", "vhdblkd.errors"}
+    assert not any(m.startswith("vhdblkd.") and m not in below for m in imported), imported
 
 
 def test_backend_is_a_leaf() -> None:

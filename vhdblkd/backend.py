@@ -1,10 +1,13 @@
 """The contract every image kind implements, as nbdkit plugins and go-nbd backends do.
 
-The NBD server only ever sees this protocol; it never imports the format
-layer.  Offsets and lengths are in bytes.  The server has already checked
-range, read-only and alignment before it calls a backend, so backends may
-assert instead of re-validating.  Backends must be safe to call from several
-threads at once (one thread per connection).
+The transports only ever see this protocol, through the request layer
+(vhdblkd/request.py); they never import the format layer.  Offsets and
+lengths are in bytes.  The request layer has already checked range,
+read-only and flags before it calls a backend, so backends may assert
+instead of re-validating.  A backend that cannot do a request raises
+`BackendError` (or a subclass such as `DiskFull`) carrying the errno to
+answer, or lets an `OSError` through.  Backends must be safe to call from
+several threads at once (one thread per connection or queue).
 """
 
 from __future__ import annotations

@@ -42,12 +42,35 @@ class ImageLocked(VhdError):
     """The image is already open read-write elsewhere (or read-only, for a writer)."""
 
 
-class OutOfRange(VhdblkError):
+# --- backend requests (vhdblkd/backend.py, vhdblkd/request.py) ---------------
+
+
+class BackendError(VhdblkError):
+    """A backend could not do a request; `errno` is what the transport answers.
+
+    The request layer turns it into that errno (transports narrow it to what
+    their protocol can carry), so transports never need the format layer's
+    error types.
+    """
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class OutOfRange(BackendError):
     """An I/O request falls outside the virtual disk."""
 
+    errno = _errno.EINVAL
 
-class ReadOnlyImage(VhdblkError):
+
+class ReadOnlyImage(BackendError):
     """A write was attempted on an image opened read-only."""
+
+    errno = _errno.EROFS
 
 
 # --- NBD protocol (vhdblkd/nbd/) --------------------------------------------
@@ -87,9 +110,10 @@ class ConfigError(VhdblkError):
     """A configuration file line or option is invalid."""
 
 
-class DiskFull(VhdError):
+class DiskFull(VhdError, BackendError):
     """The file system holding an image has no space left (ENOSPC/EDQUOT)."""
 
+    errno = _errno.ENOSPC
 
 # --- ublk (vhdblkd/ublk/) ----------------------------------------------------
 

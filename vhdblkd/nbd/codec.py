@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import struct
 from typing import Final
 
@@ -36,6 +37,14 @@ from .constants import (
     NBD_CMD_DISC,
     NBD_CMD_NAMES,
     NBD_CMD_WRITE,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOMEM,
+    NBD_ENOSPC,
+    NBD_ENOTSUP,
+    NBD_EOVERFLOW,
+    NBD_EPERM,
+    NBD_ESHUTDOWN,
     NBD_MAX_PAYLOAD,
     NBD_REQUEST_MAGIC,
     NBD_REQUEST_SIZE,
@@ -109,6 +118,29 @@ def encode_reply(cookie: int, error: int = 0) -> bytes:
     if not 0 <= error <= _U32 or not 0 <= cookie <= _U64:
         raise LocalProtocolError(f"reply error {error} or cookie {cookie} does not fit its field")
     return SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+# proto.md lists the errors a reply may carry; the rest are mapped to the nearest one
+# (EDQUOT and EFBIG are "no space", as proto.md suggests; EROFS and EACCES are EPERM).
+_NBD_ERRORS: Final = {
+    errno.EPERM: NBD_EPERM,
+    errno.EROFS: NBD_EPERM,
+    errno.EACCES: NBD_EPERM,
+    errno.EIO: NBD_EIO,
+    errno.ENOMEM: NBD_ENOMEM,
+    errno.EINVAL: NBD_EINVAL,
+    errno.ENOSPC: NBD_ENOSPC,
+    errno.EDQUOT: NBD_ENOSPC,
+    errno.EFBIG: NBD_ENOSPC,
+    errno.EOVERFLOW: NBD_EOVERFLOW,
+    errno.ENOTSUP: NBD_ENOTSUP,
+    errno.ESHUTDOWN: NBD_ESHUTDOWN,
+}
+
+
+def nbd_error(number: int) -> int:
+    """The NBD reply error for a Linux errno (from vhdblkd.request); EIO when NBD has no nearer one."""
+    return _NBD_ERRORS.get(number, NBD_EIO)
 
 
 def decode_reply(buf: Buffer) -> tuple[int, int]:

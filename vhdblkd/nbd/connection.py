@@ -1,25 +1,27 @@
 """One NBD connection: optional handshake, then the transmission loop over a socket.
 
-The loop reads each 28-byte header with `recv_into` into a reused buffer,
-validates it with the codec's `check_header`, checks the request at the edge
-(flags, range, read-only) and only then calls the backend.  READ and WRITE
-run inline in the connection thread; FLUSH and the flush that emulates FUA
-go to a helper thread so later reads are not stuck behind an fsync.  A lock
+The loop reads each 28-byte header with `recv_into` into a reused buffer
+(and a WRITE's payload into a pooled buffer), validates its framing with the
+codec's `check_header`, and hands the request to the transport-independent
+request layer (`vhdblkd.request`): it checks the request at the edge (flags,
+range, read-only), runs it on the backend and names the errno of a failure,
+which this module only translates to NBD's numbers.  READ and WRITE run
+inline in the connection thread; FLUSH and the flush that emulates FUA go to
+a helper thread so later reads are not stuck behind an fsync.  A lock
 serialises replies from the two threads.  The caller owns the socket and
 closes it after `serve_connection` returns (shut down by then).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import socket
 import threading
 
-from ..backend import Backend, FuaMode
-from ..errors import DiskFull, NbdError, OutOfRange, ReadOnlyImage, RemoteProtocolError, VhdblkError
-from .codec import REQUEST_HEADER, SIMPLE_REPLY, check_header, command_name
+from ..errors import RemoteProtocolError
+from ..request import FUA, NO_HOLE, UNKNOWN, Capabilities, Command, Request, RequestLayer, describe, errno_for
+from .codec import REQUEST_HEADER, SIMPLE_REPLY, check_header, command_name, nbd_error
 from .constants import (
     NBD_CMD_CACHE,
     NBD_CMD_DISC,
@@ -31,10 +33,7 @@ from .constants import (
     NBD_CMD_WRITE,
     NBD_CMD_WRITE_ZEROES,
     NBD_EINVAL,
-    NBD_EIO,
-    NBD_ENOSPC,
     NBD_ENOTSUP,
-    NBD_EPERM,
     NBD_MAX_PAYLOAD,
     NBD_REQUEST_SIZE,
     NBD_SIMPLE_REPLY_MAGIC,
@@ -47,8 +46,24 @@ log = logging.getLogger(__name__)
 _FIRST_WRITE_BUFFER = 256 * 1024  # grows on demand up to NBD_MAX_PAYLOAD; most writes are <= 128 KiB
 _STOP_POLL_SECONDS = 0.2
 _RELAY_DRAIN_SECONDS = 30.0  # time the TLS relay gets to deliver the last replies
-_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # proto.md: map these to NBD_ENOSPC
-_PERMISSION_ERRNOS = frozenset({errno.EPERM, errno.EROFS, errno.EACCES})
+# The NBD commands the request layer serves; DISC and the rest stay here.
+_COMMANDS = {
+    NBD_CMD_READ: Command.READ,
+    NBD_CMD_WRITE: Command.WRITE,
+    NBD_CMD_FLUSH: Command.FLUSH,
+    NBD_CMD_TRIM: Command.TRIM,
+    NBD_CMD_WRITE_ZEROES: Command.WRITE_ZEROES,
+    NBD_CMD_CACHE: Command.CACHE,
+}
+# The request layer's flag bits are NBD's, so known bits pass through as they are;
+# any other NBD flag (DF, REQ_ONE, FAST_ZERO) becomes UNKNOWN, which it refuses.
+assert FUA == NBD_CMD_FLAG_FUA and NO_HOLE == NBD_CMD_FLAG_NO_HOLE
+_KNOWN_FLAGS = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE
+
+
+def request_flags(flags: int) -> int:
+    """NBD command flags as request-layer flags."""
+    return flags if not flags & ~_KNOWN_FLAGS else (flags & _KNOWN_FLAGS) | UNKNOWN
 
 
 def serve_connection(
@@ -121,47 +136,17 @@ def _watch_stop(sock: socket.socket, stop: threading.Event, done: threading.Even
             log.debug("shutdown of a stopping NBD connection failed: %s", exc)
 
 
-def _errno_for(exc: Exception, what: str) -> int:
-    """Map a backend failure to an NBD error; anything unexpected is a bug and logged as one."""
-    if isinstance(exc, OSError):
-        if exc.errno in _NO_SPACE_ERRNOS:
-            log.warning("%s: no space: %s", what, exc)
-            return NBD_ENOSPC
-        if exc.errno in _PERMISSION_ERRNOS:
-            log.warning("%s: not permitted: %s", what, exc)
-            return NBD_EPERM
-        log.error("%s: I/O error: %s", what, exc)
-        return NBD_EIO
-    if isinstance(exc, DiskFull):
-        log.warning("%s: %s", what, exc)
-        return NBD_ENOSPC
-    if isinstance(exc, ReadOnlyImage):
-        log.warning("%s: %s", what, exc)
-        return NBD_EPERM
-    if isinstance(exc, OutOfRange):
-        log.warning("%s: %s", what, exc)
-        return NBD_EINVAL
-    if isinstance(exc, NbdError):
-        log.warning("%s: %s", what, exc)
-        return exc.errno
-    if isinstance(exc, VhdblkError):
-        log.error("%s: %s", what, exc)
-        return NBD_EIO
-    log.exception("%s: unexpected failure (a bug)", what)
-    return NBD_EIO
-
-
 class _Connection:
     """The transmission loop of one socket (see the module docstring)."""
 
     def __init__(self, sock: socket.socket, export: Export) -> None:
         self.sock = sock
         self.export = export
-        self.backend: Backend = export.backend
-        self.size = export.size
-        self.read_only = export.read_only
-        self.can_flush = export.can_flush
-        self.fua_mode = export.can_fua
+        # The export asked the backend once; every connection judges requests by those answers.
+        caps = Capabilities(
+            export.size, export.read_only, export.can_flush, export.can_fua, export.can_discard, NBD_MAX_PAYLOAD
+        )
+        self.layer = RequestLayer(export.backend, caps)
         self.send_lock = threading.Lock()
         self.stats = Stats()
         self._wbuf = bytearray(_FIRST_WRITE_BUFFER)
@@ -222,10 +207,10 @@ class _Connection:
                 # One flush answers every request queued before it started: each one's
                 # writes completed before it was queued.
                 try:
-                    self.backend.flush()
+                    self.layer.flush()
                     error = 0
                 except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-                    error = _errno_for(exc, "FLUSH")
+                    error = nbd_error(errno_for(exc, "FLUSH"))
                 self.stats.flushes += 1
                 for cookie in cookies:
                     try:
@@ -240,13 +225,6 @@ class _Connection:
             self._flushes.put(None)
             self._flusher.join()
 
-    def _complete_write(self, cookie: int, fua: bool) -> None:
-        """Reply to a finished write, flushing first when FUA is set and the backend can't do it natively."""
-        if fua and self.fua_mode is not FuaMode.NATIVE and self.can_flush:
-            self._queue_flush(cookie)
-        else:
-            self._reply(cookie, 0)
-
     # --- the loop -----------------------------------------------------------------
 
     def run(self) -> None:
@@ -259,11 +237,12 @@ class _Connection:
     def _finish(self) -> None:
         try:
             self._stop_flusher()
-            if not self.read_only and self.can_flush:
+            caps = self.layer.caps
+            if not caps.read_only and caps.can_flush:
                 try:
-                    self.backend.flush()
+                    self.layer.flush()
                 except Exception as exc:  # noqa: BLE001 - logged; nobody is left to tell
-                    _errno_for(exc, "flush at disconnect")
+                    errno_for(exc, "flush at disconnect")
         finally:
             self.export.detach(self.stats)
 
@@ -272,9 +251,11 @@ class _Connection:
         hview = memoryview(header)
         recv_into = self.sock.recv_into
         unpack = REQUEST_HEADER.unpack_from
-        read = self.backend.read
-        size = self.size
+        commands = _COMMANDS.get
+        validate = self.layer.validate
+        execute = self.layer.execute
         stats = self.stats
+        READ = Command.READ
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
             if n != NBD_REQUEST_SIZE:
@@ -284,25 +265,8 @@ class _Connection:
                 if n != NBD_REQUEST_SIZE:
                     raise RemoteProtocolError(f"stream ended inside a request header ({n} of {NBD_REQUEST_SIZE} bytes)")
             magic, flags, type_, cookie, offset, length = unpack(header)
-            if type_ == NBD_CMD_READ:
-                check_header(magic, type_, length)
-                if flags & ~NBD_CMD_FLAG_FUA or length > NBD_MAX_PAYLOAD or offset + length > size:
-                    self._reject(type_, flags, offset, length, cookie, NBD_EINVAL)
-                    continue
-                try:
-                    data = read(offset, length)
-                except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-                    self._reply(cookie, _errno_for(exc, f"READ {length}@{offset}"))
-                    continue
-                if len(data) != length:
-                    log.error("backend returned %d bytes for a %d-byte READ at %d", len(data), length, offset)
-                    self._reply(cookie, NBD_EIO)
-                    continue
-                # The header goes out only now that the data is in hand.
-                self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), data)
-                stats.reads += 1
-                stats.bytes_read += length
-            elif type_ == NBD_CMD_WRITE:
+            payload: memoryview | bytes = b""
+            if type_ == NBD_CMD_WRITE:
                 if length > NBD_MAX_PAYLOAD:
                     check_header(magic, NBD_CMD_READ, length)  # a bad magic outranks the size
                     # The payload can't be skipped safely: refuse, then end the connection in order.
@@ -310,19 +274,37 @@ class _Connection:
                     self._reply(cookie, NBD_EINVAL)
                     return
                 check_header(magic, type_, length)
-                self._write(flags, cookie, offset, length)
-            elif type_ == NBD_CMD_DISC:
-                check_header(magic, type_, length)
-                return
+                payload = self._recv_payload(length)
             else:
                 check_header(magic, type_, length)
-                self._other(type_, flags, cookie, offset, length)
+            command = commands(type_)
+            if command is None:
+                if type_ == NBD_CMD_DISC:
+                    return
+                # ENOTSUP names the cause exactly: the command is understood as framed but not served
+                # (BLOCK_STATUS needs structured replies, which are not negotiated).
+                self._reject(command_name(type_), flags, offset, length, cookie, NBD_ENOTSUP)
+                continue
+            req = Request(command, offset, length, flags if not flags & ~_KNOWN_FLAGS else request_flags(flags), payload)
+            error = validate(req)
+            if error is not None:
+                self._reject(command.name, flags, offset, length, cookie, nbd_error(error))
+                continue
+            try:
+                data = execute(req)
+            except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+                self._reply(cookie, nbd_error(errno_for(exc, describe(req))))
+                continue
+            if command is READ:
+                assert data is not None
+                # The header goes out only now that the data is in hand.
+                self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), data)
+                stats.reads += 1
+                stats.bytes_read += length
+                continue
+            self._complete(req, cookie)
 
-    def _reject(self, type_: int, flags: int, offset: int, length: int, cookie: int, error: int) -> None:
-        log.info("rejecting %s flags=%#x %d@%d: error %d", command_name(type_), flags, length, offset, error)
-        self._reply(cookie, error)
-
-    def _write(self, flags: int, cookie: int, offset: int, length: int) -> None:
+    def _recv_payload(self, length: int) -> memoryview:
         if length > len(self._wbuf):
             self._wview.release()
             self._wbuf = bytearray(min(NBD_MAX_PAYLOAD, max(length, 2 * len(self._wbuf))))
@@ -331,71 +313,25 @@ class _Connection:
         got = self._recv_exact(payload)  # straight into the pooled buffer: no per-request allocation
         if got != length:
             raise RemoteProtocolError(f"stream ended inside a WRITE payload ({got} of {length} bytes)")
-        error = self._check_write(flags & ~NBD_CMD_FLAG_FUA, offset, length)
-        if error:
-            self._reject(NBD_CMD_WRITE, flags, offset, length, cookie, error)
-            return
-        if length == 0:
-            self._reply(cookie, 0)
-            return
-        fua = bool(flags & NBD_CMD_FLAG_FUA)
-        try:
-            self.backend.write(offset, payload, fua and self.fua_mode is FuaMode.NATIVE)
-        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-            self._reply(cookie, _errno_for(exc, f"WRITE {length}@{offset}"))
-            return
-        self.stats.writes += 1
-        self.stats.bytes_written += length
-        self._complete_write(cookie, fua)
+        return payload
 
-    def _check_write(self, other_flags: int, offset: int, length: int) -> int:
-        if other_flags:
-            return NBD_EINVAL
-        if self.read_only:
-            return NBD_EPERM
-        if offset + length > self.size:
-            # EINVAL, not proto.md's suggested ENOSPC: ENOSPC is kept to mean "the host disk is
-            # full", so an out-of-range request never looks like a space problem to the client.
-            return NBD_EINVAL
-        return 0
-
-    def _other(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> None:
-        fua = bool(flags & NBD_CMD_FLAG_FUA)
-        if type_ == NBD_CMD_FLUSH:
-            if flags & ~NBD_CMD_FLAG_FUA or not self.can_flush:
-                self._reject(type_, flags, offset, length, cookie, NBD_EINVAL)
-            else:
-                # Every write received before this FLUSH has already completed inline.
-                self._queue_flush(cookie)
-            return
-        if type_ == NBD_CMD_WRITE_ZEROES:
-            error = self._check_write(flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE), offset, length)
-        elif type_ == NBD_CMD_TRIM:
-            error = self._check_write(flags & ~NBD_CMD_FLAG_FUA, offset, length)
-            if not error and not self.export.can_discard:
-                error = NBD_EINVAL
-        elif type_ == NBD_CMD_CACHE:
-            error = NBD_EINVAL if flags & ~NBD_CMD_FLAG_FUA or offset + length > self.size else 0
-        else:
-            # ENOTSUP names the cause exactly: the command is understood as framed but not served
-            # (BLOCK_STATUS needs structured replies, which are not negotiated).
-            error = NBD_ENOTSUP
-        if error:
-            self._reject(type_, flags, offset, length, cookie, error)
-            return
-        if length == 0 or type_ == NBD_CMD_CACHE:
-            self._reply(cookie, 0)  # CACHE is advisory; a no-op is a valid implementation
-            return
-        what = f"{command_name(type_)} {length}@{offset}"
-        try:
-            if type_ == NBD_CMD_TRIM:
-                self.backend.discard(offset, length)
-                self.stats.trims += 1
-            else:
-                may_trim = not flags & NBD_CMD_FLAG_NO_HOLE
-                self.backend.write_zeroes(offset, length, may_trim, fua and self.fua_mode is FuaMode.NATIVE)
+    def _complete(self, req: Request, cookie: int) -> None:
+        """Count a finished request other than READ and reply, after a flush when it needs one."""
+        if req.length:
+            command = req.command
+            if command is Command.WRITE:
                 self.stats.writes += 1
-        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-            self._reply(cookie, _errno_for(exc, what))
-            return
-        self._complete_write(cookie, fua)
+                self.stats.bytes_written += req.length
+            elif command is Command.WRITE_ZEROES:
+                self.stats.writes += 1
+            elif command is Command.TRIM:
+                self.stats.trims += 1
+        if self.layer.flush_after(req):
+            # Every write received before this one has already completed inline.
+            self._queue_flush(cookie)
+        else:
+            self._reply(cookie, 0)
+
+    def _reject(self, name: str, flags: int, offset: int, length: int, cookie: int, error: int) -> None:
+        log.info("rejecting %s flags=%#x %d@%d: error %d", name, flags, length, offset, error)
+        self._reply(cookie, error)
