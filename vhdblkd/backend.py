@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 Buffer = bytes | bytearray | memoryview
 
@@ -67,6 +68,23 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Flush and release the backend; further calls are errors."""
+
+
+class Extent(NamedTuple):
+    """A run of a backend's address space, as block status reports it."""
+
+    length: int
+    depth: int  # the layer holding it: 1 = the image itself, 2 = its parent...; 0 = none
+    zero: bool  # reads as zeros and is not stored (a hole)
+
+
+@runtime_checkable
+class AllocationMap(Protocol):
+    """Optional: a backend that knows where its data is (NBD block status, sparse reads)."""
+
+    def allocation(self, offset: int, length: int) -> Sequence[Extent]:
+        """Consecutive extents from `offset`, covering at most `length` bytes, at least one
+        when the range is inside the disk; they may stop short of `length`."""
 
 
 class MemoryBackend:

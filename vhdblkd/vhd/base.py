@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from vhdblkd.backend import Buffer, FuaMode
+from vhdblkd.backend import Buffer, Extent, FuaMode
 from vhdblkd.errors import ReadOnlyImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry
@@ -128,6 +128,12 @@ class VhdImage:
             start, length = offset, n
         if length:
             yield start, length
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        """Allocation runs through the chain (backend.AllocationMap; see allocation.py)."""
+        from vhdblkd.vhd.allocation import allocation  # it needs the image kinds, which import this module
+
+        return allocation(self, offset, length)
 
     def _check_writable(self) -> None:
         if self._read_only:

@@ -103,6 +103,15 @@ class DynamicImage(VhdImage):
             bat = self._bat
             return [i for i in range(len(bat)) if bat[i] != _UNUSED]
 
+    def sector_presence(self, block: int) -> bytes | bool:
+        """Which sectors of `block` this file holds: False (none, the block is unallocated),
+        True (all of them) or the block's sector bitmap (bit set = held here)."""
+        entry = self._bat[block]
+        if entry == _UNUSED:
+            return False
+        bm = self._bitmap(block, entry)
+        return True if bm is None else bytes(bm)
+
     # --- reads ----------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> Buffer:

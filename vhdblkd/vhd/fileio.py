@@ -131,6 +131,34 @@ class ImageFile:
             self.pwrite(offset, zeros if n == len(zeros) else zeros[:n])
             offset += n
 
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_data) runs covering [start, end), from SEEK_DATA/SEEK_HOLE.
+
+        A file system without them reports the whole range as data (always correct).
+        """
+        runs: list[tuple[int, int, bool]] = []
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    data = end
+                elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                    runs.append((pos, end - pos, True))
+                    break
+                else:
+                    raise
+            data = min(data, end)
+            if data > pos:
+                runs.append((pos, data - pos, False))
+            if data >= end:
+                break
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            runs.append((data, hole - data, True))
+            pos = hole
+        return runs
+
     def fdatasync(self) -> None:
         os.fdatasync(self._fd)
 

@@ -30,6 +30,10 @@ class FixedImage(VhdImage):
         self._pwrite = file.pwrite
         self._zeros = bytes(min(_ZERO_CHUNK, max(self._size, 1)))
 
+    def stored_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, stored) runs of [offset, offset+length): not stored = a hole in the file."""
+        return self._file.data_runs(offset, min(offset + length, self._size))
+
     def read(self, offset: int, length: int) -> Buffer:
         assert 0 <= offset and offset + length <= self._size
         view = self._view

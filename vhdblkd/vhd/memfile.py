@@ -100,6 +100,9 @@ class MemoryFile(ImageFile):
     def punch_hole(self, offset: int, length: int) -> None:
         self.pwrite(offset, bytes(length))
 
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        return [(start, end - start, True)] if end > start else []  # no holes in memory
+
     def fdatasync(self) -> None:
         self._disk.record(Op("sync"))
 
