@@ -223,6 +223,13 @@ class UblkDevice:
         self.control.del_dev(self.dev_id)
         self.control.close()
 
+    def release(self) -> None:
+        """Stop serving but leave /dev/ublkbN in the kernel, its I/O held until `recover` (a restart)."""
+        for q in self.queues:
+            q.release()
+        self._close_queues()
+        self.control.close()
+
     @property
     def serving(self) -> bool:
         return bool(self.queues) and all(q.alive for q in self.queues)

@@ -13,6 +13,11 @@ descriptor of its tag (user_data = tag) holds a request; the handler's
 result (bytes done or -errno) is committed with that tag's re-arm.  A
 completion with UBLK_IO_RES_ABORT (-ENODEV) means the device is stopping
 and the tag is not re-armed; the thread ends when no tag is left.
+
+`release` ends the thread without stopping the device: an eventfd read
+queued in the same ring completes, the batch in hand is committed, and the
+ring is closed.  The kernel then requeues what is still in flight and holds
+new requests until a server recovers the device (UBLK_F_USER_RECOVERY).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .uring import Ring, prep
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
+_WAKE = 1 << 32  # user_data of the eventfd read; tags are 16-bit
 
 
 def _round_up(n: int, to: int) -> int:
@@ -71,6 +77,8 @@ class Queue:
         self.armed = threading.Event()
         self.error: BaseException | None = None
         self.requests = 0
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC)
+        self._wake_buf = ctypes.create_string_buffer(8)
         self._thread = threading.Thread(target=self._main, name=f"ublk-q{q_id}", daemon=True)
 
     def start(self) -> None:
@@ -85,6 +93,14 @@ class Queue:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+        if not self._thread.is_alive() and self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
+
+    def release(self) -> None:
+        """Ask the thread to stop serving between two batches, leaving the device to a later server."""
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
 
     @property
     def alive(self) -> bool:
@@ -111,7 +127,7 @@ class Queue:
         anchor = ctypes.c_char.from_buffer(bufs)
         base = ctypes.addressof(anchor)
         view = memoryview(bufs)
-        ring = Ring(depth)
+        ring = Ring(depth + 1)  # every tag's command and the wake-up read
         try:
             self._loop(ring, descs, view, base)
         finally:
@@ -126,9 +142,10 @@ class Queue:
         fd, uring_cmd, commit_op = self.char_fd, c.IORING_OP_URING_CMD, self.commit_op
         for tag in range(depth):
             prep(sq, uring_cmd, fd, off=self.fetch_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, 0, base + tag * size))
+        prep(sq, c.IORING_OP_READ, self._wake, addr=ctypes.addressof(self._wake_buf), length=8, user_data=_WAKE)
         ring.submit()
         early = ring.completions()  # FETCH is handled inline: a refusal is already posted
-        refused = [(tag, res) for tag, res, _ in early if res < 0]
+        refused = [(tag, res) for tag, res, _ in early if res < 0 and tag != _WAKE]
         if refused:
             tag, res = refused[0]
             raise UblkError(f"ublk queue {q_id}: FETCH of tag {tag} refused: {os.strerror(-res)}", -res)
@@ -136,11 +153,15 @@ class Queue:
         live = depth
         pending = early
         unpack, handler = IO_DESC.unpack_from, self.handler
-        while live:
+        released = False
+        while live and not released:
             if not pending:
                 ring.submit(wait=1)  # every commit of the last batch goes in this one call
                 pending = ring.completions()
             for tag, res, _flags in pending:
+                if tag == _WAKE:
+                    released = True
+                    continue
                 if res != c.UBLK_IO_RES_OK:
                     live -= 1
                     if res != -errno.ENODEV:  # UBLK_IO_RES_ABORT: the device is going away
@@ -160,3 +181,6 @@ class Queue:
                 self.requests += 1
                 prep(sq, uring_cmd, fd, off=commit_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, result, base + start))
             pending = []
+        if released:
+            ring.submit()  # the last batch's results; closing the ring then hands the tags back
+            log.info("ublk queue %d released", q_id)
