@@ -115,7 +115,7 @@ def check_fio_two_queues(out: Path) -> dict[str, Any]:
     dev, image = serve(path, queues=2)
     r = sh(
         f"fio --name=verify --filename={dev.path} --ioengine=libaio --direct=1 --rw=randwrite --bs=4k "
-        "--iodepth=16 --numjobs=2 --offset_increment=16M --size=8M --verify=crc32c --verify_fatal=1 "
+        "--iodepth=16 --numjobs=2 --offset_increment=16M --size=4M --verify=crc32c --verify_fatal=1 "
         "--do_verify=1 --group_reporting --output-format=terse",
         check=False,
     )
