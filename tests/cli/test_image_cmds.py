@@ -39,8 +39,10 @@ INFO_KEYS = {
     "header_checksum_ok",
     "parent",
     "parent_chain",
+    "parent_timestamp_matches",
+    "chain",
 }
-CHECK_KEYS = {"path", "clean", "repaired", "problems", "remaining"}
+CHECK_KEYS = {"path", "clean", "repaired", "problems", "remaining", "notes"}
 
 
 def digest(path: Path) -> str:

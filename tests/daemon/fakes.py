@@ -184,7 +184,8 @@ class FakeOpener:
         self.images: list[FakeImage] = []
         self.locks: dict[str, str] = {}
 
-    def __call__(self, path: str, *, read_only: bool, allow_unsafe_parent: bool) -> FakeImage:
+    def __call__(self, path: str, *, read_only: bool, allow_unsafe_parent: bool,
+                 strict_parent_timestamp: bool = False) -> FakeImage:
         with open(path, "rb") as f:
             if f.read(8) == b"corrupt!":
                 from vhdblkd.errors import CorruptImage

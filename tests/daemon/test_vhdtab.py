@@ -29,6 +29,9 @@ GOOD = [
     ("d /a.vhd dead_conn_timeout=120", VhdtabEntry("d", "/a.vhd", dead_conn_timeout_seconds=120)),
     ("d /a.vhd block_size=4096", VhdtabEntry("d", "/a.vhd", block_size=4096)),
     ("d /a.vhd allow_unsafe_parent", VhdtabEntry("d", "/a.vhd", allow_unsafe_parent=True)),
+    ("d /a.vhd strict_parent_timestamp", VhdtabEntry("d", "/a.vhd", strict_parent_timestamp=True)),
+    ("d /a.vhd allow_unsafe_parent,strict_parent_timestamp",
+     VhdtabEntry("d", "/a.vhd", allow_unsafe_parent=True, strict_parent_timestamp=True)),
     (r"d /srv/My\040Disk\011x\134y.vhd", VhdtabEntry("d", "/srv/My Disk\tx\\y.vhd")),
     (
         "web-1.x /var/lib/web.vhd ro,device=nbd1,connections=2,timeout=5,dead_conn_timeout=9,block_size=512,allow_unsafe_parent",

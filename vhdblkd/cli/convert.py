@@ -136,8 +136,9 @@ class RawSource:
 class VhdSource:
     """A VHD of any type; a differencing image reads through its whole chain."""
 
-    def __init__(self, path: Path, *, allow_unsafe_parent: bool = False) -> None:
-        self.image = vhd_image.open_image(str(path), read_only=True, allow_unsafe_parent=allow_unsafe_parent)
+    def __init__(self, path: Path, *, allow_unsafe_parent: bool = False, strict_parent_timestamp: bool = False) -> None:
+        self.image = vhd_image.open_image(str(path), read_only=True, allow_unsafe_parent=allow_unsafe_parent,
+                                          strict_parent_timestamp=strict_parent_timestamp)
 
     @property
     def size(self) -> int:
@@ -153,7 +154,7 @@ class VhdSource:
         self.image.close()
 
 
-def open_source(path: Path, *, allow_unsafe_parent: bool = False) -> Source:
+def open_source(path: Path, *, allow_unsafe_parent: bool = False, strict_parent_timestamp: bool = False) -> Source:
     try:
         is_vhd = looks_like_vhd(path)
     except OSError as exc:
@@ -164,7 +165,7 @@ def open_source(path: Path, *, allow_unsafe_parent: bool = False) -> Source:
         except OSError as exc:
             raise SourceUnreadable(f"{path}: cannot open the source: {exc.strerror}") from exc
     try:
-        return VhdSource(path, allow_unsafe_parent=allow_unsafe_parent)
+        return VhdSource(path, allow_unsafe_parent=allow_unsafe_parent, strict_parent_timestamp=strict_parent_timestamp)
     except VhdblkError as exc:
         raise SourceUnreadable(f"cannot open the source VHD: {exc}") from exc
     except OSError as exc:
@@ -239,6 +240,7 @@ def convert(
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: ProgressCallback | None = None,
     allow_unsafe_parent: bool = False,
+    strict_parent_timestamp: bool = False,
 ) -> ConvertResult:
     """Copy `src` into a new file `dst` of format `target` (default from dst's extension)."""
     if target is None:
@@ -247,7 +249,7 @@ def convert(
         raise ConvertError(f"{dst}: already exists; remove it or choose another destination")
     if not dst.parent.is_dir():
         raise ConvertError(f"{dst}: the folder {dst.parent} does not exist; create it first")
-    source = open_source(src, allow_unsafe_parent=allow_unsafe_parent)
+    source = open_source(src, allow_unsafe_parent=allow_unsafe_parent, strict_parent_timestamp=strict_parent_timestamp)
     try:
         source_format = source.image.disk_type if isinstance(source, VhdSource) else "raw"
         size = source.size

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from .client import control_path, request
+from .parent_args import add_parent_args
 from .sizes import format_size
 
 
@@ -27,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--device", help="use this device (/dev/nbdN) instead of a free one")
     p.add_argument("--connections", type=int, default=1, help="NBD connections (several only for images that allow it)")
     p.add_argument("--persist", action="store_true", help="also add the attachment to the vhdtab, so it comes back at boot")
-    p.add_argument("--allow-unsafe-parent", action="store_true", help="accept a differencing image's parent that fails the safety checks")
+    add_parent_args(p)
     p.add_argument("--json", action="store_true", help="print the attachment as JSON")
     _control_arg(p)
     p.add_argument("image", metavar="IMAGE")
@@ -71,6 +72,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         "connections": args.connections,
         "persist": args.persist,
         "allow_unsafe_parent": args.allow_unsafe_parent,
+        "strict_parent_timestamp": args.strict_parent_timestamp,
     }
     if args.name is not None:
         message["name"] = args.name

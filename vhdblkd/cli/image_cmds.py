@@ -21,8 +21,9 @@ from ..vhd import check as vhd_check
 from ..vhd import create as vhd_create
 from ..vhd import image as vhd_image
 from ..vhd.geometry import MAX_GEOMETRY
-from ..vhd.info import ImageInfo
+from ..vhd.info import ChainLevel, ImageInfo
 from . import convert as convert_mod
+from .parent_args import add_parent_args
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, format_size_exact, parse_size
 
@@ -63,11 +64,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--json", action="store_true", help="print JSON with stable keys")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument(
-        "--allow-unsafe-parent",
-        action="store_true",
-        help="follow a differencing image's parent even outside the image's folder (trust the image first)",
-    )
+    add_parent_args(p)
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser(
@@ -79,11 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--repair", action="store_true", help="fix what can be fixed safely")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument(
-        "--allow-unsafe-parent",
-        action="store_true",
-        help="follow a differencing image's parent even outside the image's folder (trust the image first)",
-    )
+    add_parent_args(p)
     p.set_defaults(func=cmd_check)
 
     p = subparsers.add_parser(
@@ -98,11 +91,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--progress", action="store_true", help="show a progress bar (only when stderr is a terminal)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
-    p.add_argument(
-        "--allow-unsafe-parent",
-        action="store_true",
-        help="follow a differencing image's parent even outside the image's folder (trust the image first)",
-    )
+    add_parent_args(p)
     p.set_defaults(func=cmd_convert)
 
 
@@ -186,13 +175,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     # No lock: info only reads, and must work on an image that is attached.
-    with vhd_image.open_image(args.image, read_only=True, lock=False, allow_unsafe_parent=args.allow_unsafe_parent) as image:
+    with vhd_image.open_image(args.image, read_only=True, lock=False, allow_unsafe_parent=args.allow_unsafe_parent,
+                              strict_parent_timestamp=args.strict_parent_timestamp) as image:
         info = image.info()
     if args.json:
         _print_json(info.as_dict())
     else:
         for label, value in info_rows(info):
-            print(f"{label + ':':<18}{value}")
+            print(f"{label + ':' if label else '':<18}{value}")
     return EXIT_OK
 
 
@@ -216,10 +206,27 @@ def info_rows(info: ImageInfo) -> list[tuple[str, str]]:
     rows.append(("file size", format_size_exact(info.file_size)))
     if info.parent is not None:
         rows.append(("parent", f"{_text(info.parent.path)} (unique id {_text(info.parent.unique_id)})"))
-    if info.parent_chain:
+    if info.chain:
+        for n, level in enumerate(info.chain, start=1):
+            rows.append(("parent chain" if n == 1 else "", f"{n}. {_level_text(level)}"))
+    elif info.parent_chain:
         rows.append(("parent chain", " -> ".join(_text(path) for path in info.parent_chain)))
+    if info.parent_timestamp_matches is False or any(not level.timestamp_matches for level in info.chain):
+        rows.append(("note", "a parent timestamp differs from the parent's modification time (a copied "
+                             "chain, or a child that records none); the unique ids match, so the chain is "
+                             "used. `vhdblkctl set-parent CHILD PARENT` records the current timestamp"))
     rows.append(("checksums", _checksum_text(info)))
     return rows
+
+
+def _level_text(level: ChainLevel) -> str:
+    ids = "unique id matches" if level.id_matches else f"unique id {level.unique_id} DIFFERS"
+    if level.timestamp_matches:
+        stamp = "timestamp matches"
+    else:
+        recorded = level.expected_timestamp or "0 (none)"
+        stamp = f"timestamp differs (child records {recorded}, file {level.timestamp})"
+    return f"{level.disk_type} {level.path} (by {level.found_by}): {ids}, {stamp}"
 
 
 def _text(value: str) -> str:
@@ -246,7 +253,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = vhd_check.check_image(args.image, repair=args.repair, allow_unsafe_parent=args.allow_unsafe_parent)
+    report = vhd_check.check_image(args.image, repair=args.repair, allow_unsafe_parent=args.allow_unsafe_parent,
+                                   strict_parent_timestamp=args.strict_parent_timestamp)
     remaining = list(report.remaining) if args.repair else list(report.problems)
     if args.json:
         _print_json(
@@ -256,9 +264,12 @@ def _check(args: argparse.Namespace) -> int:
                 "repaired": report.repaired,
                 "problems": [_problem_json(p) for p in report.problems],
                 "remaining": [_problem_json(p) for p in remaining],
+                "notes": [_problem_json(n) for n in report.notes],
             }
         )
     else:
+        for note in report.notes:
+            print(f"{args.image}: note: {note.code}: {note.message}")
         for problem in report.problems:
             where = "" if problem.offset is None else f" at offset {problem.offset}"
             print(f"{args.image}: {problem.code}{where}: {problem.message}")
@@ -299,6 +310,7 @@ def _convert(args: argparse.Namespace) -> int:
             block_size=block_size,
             progress=bar if bar.enabled else None,
             allow_unsafe_parent=args.allow_unsafe_parent,
+            strict_parent_timestamp=args.strict_parent_timestamp,
         )
     return EXIT_OK
 

@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "vhdblkd.cli.image_cmds",
     "vhdblkd.cli.device_cmds",
     "vhdblkd.cli.maint_cmds",
+    "vhdblkd.cli.parent_cmds",
 )
 
 

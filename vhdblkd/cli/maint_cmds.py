@@ -93,7 +93,7 @@ def _size_arg(text: str) -> int:
 
 
 @contextmanager
-def _quiet_recovery(verbose: bool) -> Iterator[None]:
+def quiet_recovery(verbose: bool) -> Iterator[None]:
     """Moving blocks is what compact and resize are for: no warning per block unless -v."""
     logger = logging.getLogger("vhdblkd.vhd.recovery")
     old = logger.level
@@ -118,7 +118,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    with _quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("compact") as bar:
+    with quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("compact") as bar:
         r = vhd_compact.compact(args.image, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
     result: dict[str, object] = {
         "path": r.path, "type": r.disk_type, "blocks_before": r.blocks_before, "blocks_freed": r.blocks_freed,
@@ -134,7 +134,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
-    with _quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("resize") as bar:
+    with quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("resize") as bar:
         r = vhd_resize.resize(args.image, args.size, shrink=args.shrink, discard_data=args.yes, progress=bar)
     result: dict[str, object] = {
         "path": r.path, "type": r.disk_type, "old_size": r.old_size, "new_size": r.new_size,

@@ -42,7 +42,8 @@ RECONNECT_BACKOFF_SECONDS = 1.0
 
 
 class ImageOpener(Protocol):
-    def __call__(self, path: str, *, read_only: bool, allow_unsafe_parent: bool) -> Backend: ...
+    def __call__(self, path: str, *, read_only: bool, allow_unsafe_parent: bool,
+                 strict_parent_timestamp: bool) -> Backend: ...
 
 
 Serve = Callable[[socket.socket, Export, threading.Event], None]
@@ -50,10 +51,12 @@ BusyCheck = Callable[[int], str | None]
 DeviceSync = Callable[[int], None]
 
 
-def default_opener(path: str, *, read_only: bool, allow_unsafe_parent: bool) -> Backend:
+def default_opener(path: str, *, read_only: bool, allow_unsafe_parent: bool,
+                   strict_parent_timestamp: bool) -> Backend:
     from ..vhd.image import open_image
 
-    image: Backend = open_image(path, read_only=read_only, allow_unsafe_parent=allow_unsafe_parent)
+    image: Backend = open_image(path, read_only=read_only, allow_unsafe_parent=allow_unsafe_parent,
+                                strict_parent_timestamp=strict_parent_timestamp)
     return image
 
 
@@ -226,7 +229,8 @@ class AttachmentManager:
         if not os.path.exists(entry.image):
             raise DaemonError(f"{entry.image}: no such file")
         try:
-            return self._opener(entry.image, read_only=entry.read_only, allow_unsafe_parent=entry.allow_unsafe_parent)
+            return self._opener(entry.image, read_only=entry.read_only, allow_unsafe_parent=entry.allow_unsafe_parent,
+                                strict_parent_timestamp=entry.strict_parent_timestamp)
         except VhdblkError:
             raise
         except OSError as exc:

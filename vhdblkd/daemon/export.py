@@ -61,6 +61,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-ca", metavar="PEM", help="verify client certificates against this CA; clients without one are refused")
+    p.add_argument("--allow-unsafe-parent", action="store_true",
+                   help="follow a differencing image's parent even outside the image's folder (trust the image first)")
+    p.add_argument("--strict-parent-timestamp", action="store_true",
+                   help="refuse a parent whose modification time differs from what its child records "
+                   "(by default the unique id alone identifies it)")
     p.add_argument("images", metavar="[NAME=]IMAGE", nargs="*", help="the VHD images to serve")
     p.set_defaults(func=run)
 
@@ -147,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
         exports = []
         for label, path in pairs:
             try:
-                image = open_image(path, read_only=args.read_only, lock=True)
+                image = open_image(path, read_only=args.read_only, lock=True,
+                                   allow_unsafe_parent=getattr(args, "allow_unsafe_parent", False),
+                                   strict_parent_timestamp=getattr(args, "strict_parent_timestamp", False))
             except OSError as exc:
                 raise ConfigError(f"{path}: cannot open: {exc.strerror or exc}") from exc
             images.append(image)

@@ -276,6 +276,7 @@ class Service:
                     device_index=None if device is None else parse_device(str(device)),
                     connections=int(request.get("connections", 1)),
                     allow_unsafe_parent=bool(request.get("allow_unsafe_parent", False)),
+                    strict_parent_timestamp=bool(request.get("strict_parent_timestamp", False)),
                 )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"bad attach request: {exc}") from None

@@ -44,6 +44,7 @@ class VhdtabEntry:
     dead_conn_timeout_seconds: int = DEFAULT_DEAD_CONN_TIMEOUT_SECONDS
     block_size: int = DEFAULT_BLOCK_SIZE
     allow_unsafe_parent: bool = False
+    strict_parent_timestamp: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -69,6 +70,7 @@ class VhdtabEntry:
             "dead_conn_timeout": self.dead_conn_timeout_seconds,
             "block_size": self.block_size,
             "allow_unsafe_parent": self.allow_unsafe_parent,
+            "strict_parent_timestamp": self.strict_parent_timestamp,
         }
 
     def format_line(self) -> str:
@@ -88,6 +90,8 @@ class VhdtabEntry:
             opts.append(f"block_size={self.block_size}")
         if self.allow_unsafe_parent:
             opts.append("allow_unsafe_parent")
+        if self.strict_parent_timestamp:
+            opts.append("strict_parent_timestamp")
         fields = [self.name, escape_field(self.image)]
         if opts:
             fields.append(",".join(opts))
@@ -144,11 +148,11 @@ def parse_options(text: str) -> dict[str, object]:
         if not opt:
             raise ConfigError(f"empty option in {text!r}")
         key, sep, value = opt.partition("=")
-        if key in ("ro", "allow_unsafe_parent", "rw"):
+        if key in ("ro", "allow_unsafe_parent", "strict_parent_timestamp", "rw"):
             if sep:
                 raise ConfigError(f"option {key} takes no value")
-            if key == "allow_unsafe_parent":
-                kwargs["allow_unsafe_parent"] = True
+            if key in ("allow_unsafe_parent", "strict_parent_timestamp"):
+                kwargs[key] = True
             else:
                 kwargs["read_only"] = key == "ro"
             continue

@@ -12,7 +12,7 @@ from vhdblkd.backend import Buffer, Extent, FuaMode
 from vhdblkd.errors import ReadOnlyImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry
-from vhdblkd.vhd.info import ImageInfo, ParentInfo
+from vhdblkd.vhd.info import ChainLevel, ImageInfo, ParentInfo
 from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.structs import DynamicHeader, Footer
@@ -145,10 +145,20 @@ class VhdImage:
         f = self.footer
         parent = self.parent
         chain: list[str] = []
+        levels: list[ChainLevel] = []
+        child: VhdImage = self
         node = parent
         while node is not None:
             chain.append(node.path)
-            node = node.parent
+            link = child.parent_link
+            if link is not None:
+                levels.append(ChainLevel(
+                    path=node.path, disk_type=node.disk_type, unique_id=str(uuid.UUID(bytes=node.footer.unique_id)),
+                    found_by=link.found_by, id_matches=link.id_matches, timestamp_matches=link.timestamp_matches,
+                    timestamp=vhd_timestamp_to_iso(link.timestamp),
+                    expected_timestamp=vhd_timestamp_to_iso(link.expected_timestamp) if link.expected_timestamp
+                    else None))
+            child, node = node, node.parent
         return ImageInfo(
             path=self.path,
             disk_type=self.disk_type,
@@ -168,6 +178,8 @@ class VhdImage:
             parent=None if parent is None else ParentInfo(
                 path=parent.path, unique_id=str(uuid.UUID(bytes=parent.footer.unique_id))),
             parent_chain=tuple(chain),
+            parent_timestamp_matches=None if self.parent_link is None else self.parent_link.timestamp_matches,
+            chain=tuple(levels),
         )
 
     # --- I/O, provided by each kind ---------------------------------------------

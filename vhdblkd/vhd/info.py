@@ -23,6 +23,36 @@ class ParentInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ChainLevel:
+    """One parent in a differencing chain, and how it compares with what its child records.
+
+    id_matches is always true for a chain that opened (a wrong id is refused);
+    timestamp_matches is false for a copied parent or a child that records 0.
+    """
+
+    path: str
+    disk_type: str
+    unique_id: str
+    found_by: str  # "W2ru locator", "W2ku locator", "parent name", "parent file name"
+    id_matches: bool
+    timestamp_matches: bool
+    timestamp: str  # the parent file's mtime, ISO 8601 UTC
+    expected_timestamp: str | None  # what the child records; None when it records 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "type": self.disk_type,
+            "unique_id": self.unique_id,
+            "found_by": self.found_by,
+            "id_matches": self.id_matches,
+            "timestamp_matches": self.timestamp_matches,
+            "timestamp": self.timestamp,
+            "expected_timestamp": self.expected_timestamp,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ImageInfo:
     path: str
     disk_type: str  # "fixed", "dynamic" or "differencing"
@@ -41,6 +71,9 @@ class ImageInfo:
     header_checksum_ok: bool | None  # None when there is no dynamic header
     parent: ParentInfo | None
     parent_chain: tuple[str, ...]  # parent first, then its parent, ...
+    # Whether the parent's mtime is what this image records (None: no parent).
+    parent_timestamp_matches: bool | None = None
+    chain: tuple[ChainLevel, ...] = ()  # the parents, nearest first
 
     def as_dict(self) -> dict[str, object]:
         g = self.geometry
@@ -62,4 +95,6 @@ class ImageInfo:
             "header_checksum_ok": self.header_checksum_ok,
             "parent": None if self.parent is None else self.parent.as_dict(),
             "parent_chain": list(self.parent_chain),
+            "parent_timestamp_matches": self.parent_timestamp_matches,
+            "chain": [level.as_dict() for level in self.chain],
         }

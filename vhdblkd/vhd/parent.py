@@ -136,7 +136,7 @@ def find(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: 
             "allow_unsafe_parent) if you trust it")
     raise ParentError(
         f"{child_path}: parent image not found (tried: {'; '.join(tried) or 'no locator or name present'}); "
-        "put the parent next to the child or fix the locators")
+        "put the parent back, or point the child at its new place: vhdblkctl set-parent CHILD PARENT")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,19 +173,6 @@ class ParentLink:
             what = (f"the child records parent timestamp {vhd_timestamp_to_iso(self.expected_timestamp)}, "
                     f"the parent's mtime is {now} (the parent was copied or touched)")
         return f"{self.child}: parent {self.path}: {what}"
-
-    def describe(self) -> dict[str, object]:
-        """The link as JSON-friendly values."""
-        return {
-            "path": self.path,
-            "found_by": self.found_by,
-            "unique_id": str(uuid.UUID(bytes=self.unique_id)),
-            "expected_unique_id": str(uuid.UUID(bytes=self.expected_unique_id)),
-            "id_matches": self.id_matches,
-            "timestamp": vhd_timestamp_to_iso(self.timestamp),
-            "expected_timestamp": None if self.expected_timestamp == 0 else vhd_timestamp_to_iso(self.expected_timestamp),
-            "timestamp_matches": self.timestamp_matches,
-        }
 
 
 def link_to(child: str, header: DynamicHeader, found_by: str, parent: VhdImage) -> ParentLink:
