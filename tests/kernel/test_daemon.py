@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from vhdblkd.vhd.create import create_differencing, create_dynamic
+from vhdblkd.vhd.image import open_image
+from vhdblkd.vhd.structs import DynamicHeader
+
 from .uml import REPO_ROOT, GuestResult
 
 Guest = Callable[..., GuestResult]
@@ -254,6 +258,51 @@ stop_daemon
     assert fs_file(t / "child.vhd", "/child.txt", t, flatten=True) == "from-child\n"
     assert fs_file(t / "child.vhd", "/base.txt", t, flatten=True) == "changed\n"
     assert fs_file(base, "/base.txt", t) == "from-base\n"
+    assert (t / "daemon.rc").read_text().strip() == "0"
+
+
+def test_copied_chain_with_a_windows10_child_attaches(tmp_path: Path, guest: Guest) -> None:
+    """A chain copied with new mtimes whose child records parent timestamp 0 attaches and reads the
+    chain's data; the strict option (command line and vhdtab) refuses it, naming itself."""
+    made, copy = tmp_path / "made", tmp_path / "copy"
+    made.mkdir()
+    copy.mkdir()
+    size = 4 << 20
+    model = bytearray(size)
+    create_dynamic(str(made / "base.vhd"), size, block_size=1 << 16, exact_size=True)
+    create_differencing(str(made / "child.vhd"), str(made / "base.vhd"))
+    for name, writes in (("base.vhd", [(0, b"B" * 70000), (3 << 20, b"b" * 5000)]),
+                         ("child.vhd", [(4096, b"C" * 9000), (size - 512, b"c" * 512)])):
+        with open_image(str(made / name)) as image:
+            for off, data in writes:
+                image.write(off, data)
+                model[off : off + len(data)] = data
+    with open(made / "child.vhd", "r+b") as f:  # as Windows 10 writes it: no parent timestamp
+        f.seek(512)
+        header = DynamicHeader.unpack(f.read(1024))
+        f.seek(512)
+        f.write(header.replace(parent_timestamp=0).pack())
+    for name in ("base.vhd", "child.vhd"):
+        (copy / name).write_bytes((made / name).read_bytes())  # a plain copy: new mtimes
+    (tmp_path / "vhdtab").write_text("")
+    script = PRELUDE + r"""
+DEV=$(vhdblkctl attach --read-only "$T/copy/child.vhd")
+dd if="$DEV" of="$T/dev.raw" bs=64k status=none
+vhdblkctl detach child
+record strict vhdblkctl attach --strict-parent-timestamp "$T/copy/child.vhd"
+echo "kid $T/copy/child.vhd ro,strict_parent_timestamp" >"$T/vhdtab"
+kill -HUP $DPID
+for i in $(seq 100); do vhdblkctl status --json | grep -q strict_parent_timestamp && break; sleep 0.1; done
+vhdblkctl status --json >"$T/status.json"
+stop_daemon
+"""
+    guest(script, env=guest_env(tmp_path), timeout=300).check()
+    t = tmp_path
+    assert (t / "dev.raw").read_bytes() == model
+    assert (t / "strict.rc").read_text().strip() == "1"
+    assert "--strict-parent-timestamp" in (t / "strict.err").read_text()
+    status = json.loads((t / "status.json").read_text())
+    assert "strict_parent_timestamp" in status["attach_errors"]["kid"]
     assert (t / "daemon.rc").read_text().strip() == "0"
 
 
