@@ -99,6 +99,14 @@ def test_refusals_at_the_edge() -> None:
     assert be.calls == []
 
 
+def test_block_layer_hints_are_not_refused() -> None:
+    be = Recording()
+    h = BackendHandler(be)
+    hints = c.UBLK_IO_F_FAILFAST_DEV | c.UBLK_IO_F_FAILFAST_TRANSPORT | c.UBLK_IO_F_FAILFAST_DRIVER  # readahead
+    assert h(c.UBLK_IO_OP_READ, hints, 0, 4096, _buf()) == 4096
+    assert h(c.UBLK_IO_OP_WRITE, c.UBLK_IO_F_SWAP, 0, 512, _buf(b"s" * 512)) == 512
+
+
 def test_read_only_attachment_refuses_writes() -> None:
     be = Recording()
     h = BackendHandler(be, read_only=True)
@@ -114,11 +122,12 @@ def test_read_only_attachment_refuses_writes() -> None:
         (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
         (OSError(errno.EDQUOT, "quota"), errno.ENOSPC),
         (DiskFull("the disk is full"), errno.ENOSPC),
-        (OSError(errno.EROFS, "read-only fs"), errno.EPERM),
+        (OSError(errno.EFBIG, "file too large"), errno.ENOSPC),
+        (OSError(errno.EROFS, "read-only fs"), errno.EROFS),
         (OSError(errno.EIO, "bad sector"), errno.EIO),
         (RuntimeError("a bug"), errno.EIO),
     ],
-    ids=["ENOSPC", "EDQUOT", "DiskFull", "EROFS", "EIO", "bug"],
+    ids=["ENOSPC", "EDQUOT", "DiskFull", "EFBIG", "EROFS", "EIO", "bug"],
 )
 def test_backend_failures_become_errno(failure: BaseException, expected: int) -> None:
     be = Recording()

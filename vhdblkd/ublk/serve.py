@@ -1,110 +1,73 @@
-"""ublk requests onto a Backend: checks at the edge, then one backend call, results as bytes or -errno.
+"""ublk requests through the shared request layer (vhdblkd/request.py): results as bytes or -errno.
 
-The kernel has already split requests to the device's limits and keeps
-them inside its size, but the checks are repeated here (a request past the
-end gets -EINVAL, a write to a read-only attachment -EPERM, an unknown
-operation -EOPNOTSUPP) so a backend only ever sees valid calls, as it does
-from the NBD server.  Failures map to errno as the NBD server maps them:
-no space -> ENOSPC, not permitted -> EPERM, anything else -> EIO.
+A ublk descriptor becomes a `Request`: READ, WRITE, FLUSH, DISCARD (TRIM)
+and WRITE_ZEROES, with UBLK_IO_F_FUA as FUA and UBLK_IO_F_NOUNMAP as
+NO_HOLE.  The block layer's hints (fail-fast, meta, swap) carry no meaning
+for an image and are dropped rather than refused: readahead sets them.
+Operations ublk has but the layer does not (WRITE_SAME, zone commands) are
+answered -EOPNOTSUPP here.  The layer checks range, read-only and
+capabilities, runs the backend call and any flush (FLUSH, emulated FUA),
+and maps failures to an errno; ublk completes READ and WRITE with the byte
+count, the rest with 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
-from collections.abc import Callable
 
-from ..backend import Backend, FuaMode
-from ..errors import DiskFull, OutOfRange, ReadOnlyImage, VhdblkError
+from ..backend import Backend
+from ..request import FUA, NO_HOLE, Capabilities, Command, Request, RequestLayer
 from . import constants as c
 
 log = logging.getLogger(__name__)
 
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_NOT_PERMITTED = frozenset({errno.EPERM, errno.EROFS, errno.EACCES})
+COMMANDS = {
+    c.UBLK_IO_OP_READ: Command.READ,
+    c.UBLK_IO_OP_WRITE: Command.WRITE,
+    c.UBLK_IO_OP_FLUSH: Command.FLUSH,
+    c.UBLK_IO_OP_DISCARD: Command.TRIM,
+    c.UBLK_IO_OP_WRITE_ZEROES: Command.WRITE_ZEROES,
+}
+# The kernel maps errnos it does not know to a plain I/O error; a quota or
+# file-size limit on the host is, for the guest file system, a full disk.
+_AS_NO_SPACE = frozenset({errno.EDQUOT, errno.EFBIG})
 
 
-def errno_for(exc: Exception, what: str) -> int:
-    """The errno a failed backend call is reported with; anything unexpected is logged as a bug."""
-    if isinstance(exc, OSError):
-        if exc.errno in _NO_SPACE:
-            log.warning("%s: no space: %s", what, exc)
-            return errno.ENOSPC
-        if exc.errno in _NOT_PERMITTED:
-            log.warning("%s: not permitted: %s", what, exc)
-            return errno.EPERM
-        log.error("%s: I/O error: %s", what, exc)
-        return errno.EIO
-    if isinstance(exc, DiskFull):
-        log.warning("%s: %s", what, exc)
-        return errno.ENOSPC
-    if isinstance(exc, ReadOnlyImage):
-        log.warning("%s: %s", what, exc)
-        return errno.EPERM
-    if isinstance(exc, OutOfRange):
-        log.warning("%s: %s", what, exc)
-        return errno.EINVAL
-    if isinstance(exc, VhdblkError):
-        log.error("%s: %s", what, exc)
-        return errno.EIO
-    log.exception("%s: unexpected failure (a bug)", what)
-    return errno.EIO
+def _flags(ublk_flags: int) -> int:
+    flags = FUA if ublk_flags & c.UBLK_IO_F_FUA else 0
+    if ublk_flags & c.UBLK_IO_F_NOUNMAP:
+        flags |= NO_HOLE
+    return flags
 
 
 class BackendHandler:
-    """The queue loop's handler for one attachment (shared by all its queues)."""
+    """The queue loop's handler for one attachment (shared by all its queues; the layer is stateless)."""
 
-    def __init__(self, backend: Backend, *, read_only: bool | None = None) -> None:
-        self.backend = backend
-        self.size = backend.size
-        self.read_only = backend.read_only if read_only is None else (read_only or backend.read_only)
-        self.can_flush = backend.can_flush
-        self.fua_mode = backend.can_fua
-        self.can_discard = backend.can_discard and not self.read_only
+    def __init__(self, backend: Backend, *, read_only: bool = False, max_length: int | None = None) -> None:
+        caps = Capabilities.of(backend)
+        if read_only:
+            caps = dataclasses.replace(caps, read_only=True)
+        if max_length is not None:
+            caps = dataclasses.replace(caps, max_length=max_length)
+        self.layer = RequestLayer(backend, caps)
+        self.read_only = caps.read_only
 
     def __call__(self, op: int, flags: int, offset: int, length: int, buf: memoryview) -> int:
-        if op == c.UBLK_IO_OP_FLUSH:
-            return self._run("FLUSH", self.backend.flush) if self.can_flush else 0
-        data_op = op in (c.UBLK_IO_OP_READ, c.UBLK_IO_OP_WRITE)
-        if offset + length > self.size or (data_op and length > len(buf)):
-            log.warning("ublk request op %d at %d+%d outside the %d-byte disk", op, offset, length, self.size)
+        command = COMMANDS.get(op)
+        if command is None:
+            log.warning("ublk request with unsupported op %d", op)
+            return -errno.EOPNOTSUPP
+        is_data = command is Command.READ or command is Command.WRITE
+        if is_data and length > len(buf):
+            log.warning("ublk %s of %d bytes is larger than its %d-byte buffer", command.name, length, len(buf))
             return -errno.EINVAL
-        if op == c.UBLK_IO_OP_READ:
-            try:
-                data = self.backend.read(offset, length)
-                buf[:length] = data
-            except Exception as exc:  # noqa: BLE001 - mapped to an errno and logged
-                return -errno_for(exc, f"READ {offset}+{length}")
-            return length
-        if self.read_only:
-            return -errno.EPERM
-        fua = bool(flags & c.UBLK_IO_F_FUA)
-        if op == c.UBLK_IO_OP_WRITE:
-            native = fua and self.fua_mode is FuaMode.NATIVE
-            res = self._run(f"WRITE {offset}+{length}", lambda: self.backend.write(offset, buf[:length], fua=native))
-            if res == 0 and fua and not native and self.can_flush:
-                res = self._run("FLUSH (FUA)", self.backend.flush)
-            return length if res == 0 else res
-        if op == c.UBLK_IO_OP_DISCARD:
-            if not self.can_discard:
-                return -errno.EOPNOTSUPP
-            return self._run(f"DISCARD {offset}+{length}", lambda: self.backend.discard(offset, length))
-        if op == c.UBLK_IO_OP_WRITE_ZEROES:
-            may_trim = not flags & c.UBLK_IO_F_NOUNMAP
-            res = self._run(
-                f"WRITE_ZEROES {offset}+{length}",
-                lambda: self.backend.write_zeroes(offset, length, may_trim=may_trim, fua=False),
-            )
-            if res == 0 and fua and self.can_flush:
-                res = self._run("FLUSH (FUA)", self.backend.flush)
-            return res
-        log.warning("ublk request with unknown op %d", op)
-        return -errno.EOPNOTSUPP
-
-    @staticmethod
-    def _run(what: str, call: Callable[[], object]) -> int:
-        try:
-            call()
-        except Exception as exc:  # noqa: BLE001 - mapped to an errno and logged
-            return -errno_for(exc, what)
-        return 0
+        req = Request(command, offset, length, _flags(flags), buf[:length] if command is Command.WRITE else b"")
+        error, data = self.layer.handle(req)
+        if error:
+            return -(errno.ENOSPC if error in _AS_NO_SPACE else error)
+        if command is Command.READ:
+            assert data is not None
+            buf[:length] = data
+        return length if is_data else 0
