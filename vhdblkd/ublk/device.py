@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 
 from ..errors import UblkError, UblkUnavailable
 from . import constants as c
@@ -128,8 +129,19 @@ class UblkDevice:
         return f"/dev/ublkb{self.dev_id}"
 
     @classmethod
-    def create(cls, handler: Handler, config: DeviceConfig, *, dev_id: int = U32_MAX) -> UblkDevice:
-        """A new device, started: /dev/ublkbN exists and is served when this returns."""
+    def create(
+        cls,
+        handler: Handler,
+        config: DeviceConfig,
+        *,
+        dev_id: int = U32_MAX,
+        before_start: Callable[[int], None] | None = None,
+    ) -> UblkDevice:
+        """A new device, started: /dev/ublkbN exists and is served when this returns.
+
+        `before_start(dev_id)` runs once the id is known, before /dev/ublkbN
+        appears (e.g. to leave its name where a udev rule reads it).
+        """
         control = Control()
         try:
             wanted = DevInfo(
@@ -150,6 +162,8 @@ class UblkDevice:
             _require(info.flags, RECOVERY_FLAGS)
             control.set_params(info.dev_id, config.params())
             dev._arm()
+            if before_start is not None:
+                before_start(info.dev_id)
             control.start_dev(info.dev_id, os.getpid())
         except BaseException:
             dev._teardown()
