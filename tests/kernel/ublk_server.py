@@ -9,6 +9,7 @@ SIGTERM: flush the image, remove the device, exit 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     image = open_image(path)
     handler = BackendHandler(image)
-    config = DeviceConfig(size=image.size, discard=True, queues=2)
+    config = DeviceConfig(size=image.size, discard=image.disk_type != "fixed", queues=int(os.environ.get("UBLK_QUEUES", "2")))
     dev = UblkDevice.create(handler, config) if mode == "create" else UblkDevice.recover(int(mode), handler, config)
     Path(idfile).write_text(str(dev.dev_id))
     stop.wait()
