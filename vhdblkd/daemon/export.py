@@ -196,6 +196,12 @@ def _serve(catalog: Catalog, args: argparse.Namespace, tcp: tuple[str, int] | No
         log.info("stopping: finishing requests in flight and flushing")
         notifier.stopping()
         server.shutdown()
+        for export in catalog.exports:
+            st = export.stats
+            log.info(
+                "export %r served %d reads (%d data bytes sent, %d bytes as holes), %d writes, %d block status",
+                export.name, st.reads, st.bytes_read, st.hole_bytes, st.writes, st.block_status,
+            )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

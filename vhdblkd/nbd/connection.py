@@ -19,10 +19,13 @@ import queue
 import socket
 import threading
 
+from ..backend import AllocationMap
 from ..errors import RemoteProtocolError
 from ..request import FUA, NO_HOLE, UNKNOWN, Capabilities, Command, Request, RequestLayer, describe, errno_for
+from . import structured as sr
 from .codec import REQUEST_HEADER, SIMPLE_REPLY, check_header, command_name, nbd_error
 from .constants import (
+    NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
     NBD_CMD_DISC,
     NBD_CMD_FLAG_FUA,
@@ -40,6 +43,7 @@ from .constants import (
 )
 from .export import Export, Stats
 from .negotiate import Catalog, negotiate
+from .replies import StructuredReplies
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,11 @@ def serve_connection(
             session = negotiate(sock, export if isinstance(export, Catalog) else Catalog.of(export))
             if session is None:
                 return
-            serving, relay, chosen = session.sock, session.relay, session.export
+            serving, relay = session.sock, session.relay
+            _Connection(serving, session.export, session.structured, session.contexts).run()
         else:
             assert isinstance(export, Export)
-            chosen = export
-        _Connection(serving, chosen).run()
+            _Connection(serving, export).run()
     except RemoteProtocolError as exc:
         log.warning("closing NBD connection: client broke the protocol: %s", exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
@@ -136,12 +140,18 @@ def _watch_stop(sock: socket.socket, stop: threading.Event, done: threading.Even
             log.debug("shutdown of a stopping NBD connection failed: %s", exc)
 
 
-class _Connection:
+class _Connection(StructuredReplies):
     """The transmission loop of one socket (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, export: Export) -> None:
+    def __init__(
+        self, sock: socket.socket, export: Export, structured: bool = False, contexts: dict[int, str] | None = None
+    ) -> None:
         self.sock = sock
         self.export = export
+        self.structured = structured  # READ answers and its errors are structured replies
+        self.contexts = dict(contexts or {})  # metadata context id -> name, for BLOCK_STATUS
+        backend = export.backend
+        self.allocation = backend.allocation if isinstance(backend, AllocationMap) else None
         # The export asked the backend once; every connection judges requests by those answers.
         caps = Capabilities(
             export.size, export.read_only, export.can_flush, export.can_fua, export.can_discard, NBD_MAX_PAYLOAD
@@ -256,39 +266,33 @@ class _Connection:
         execute = self.layer.execute
         stats = self.stats
         READ = Command.READ
+        sparse_read = READ if self.structured else None  # with structured replies READ goes the chunked way
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
-            if n != NBD_REQUEST_SIZE:
-                if n == 0:
-                    return  # EOF between requests: a clean hang-up
-                n += self._recv_exact(hview[n:])
-                if n != NBD_REQUEST_SIZE:
-                    raise RemoteProtocolError(f"stream ended inside a request header ({n} of {NBD_REQUEST_SIZE} bytes)")
+            if n != NBD_REQUEST_SIZE and not self._rest_of_header(hview, n):
+                return  # EOF between requests: a clean hang-up
             magic, flags, type_, cookie, offset, length = unpack(header)
             payload: memoryview | bytes = b""
             if type_ == NBD_CMD_WRITE:
-                if length > NBD_MAX_PAYLOAD:
-                    check_header(magic, NBD_CMD_READ, length)  # a bad magic outranks the size
-                    # The payload can't be skipped safely: refuse, then end the connection in order.
-                    log.warning("WRITE of %d bytes exceeds the payload limit; closing the connection", length)
-                    self._reply(cookie, NBD_EINVAL)
+                got = self._write_payload(magic, cookie, length)
+                if got is None:
                     return
-                check_header(magic, type_, length)
-                payload = self._recv_payload(length)
+                payload = got
             else:
                 check_header(magic, type_, length)
             command = commands(type_)
             if command is None:
                 if type_ == NBD_CMD_DISC:
                     return
-                # ENOTSUP names the cause exactly: the command is understood as framed but not served
-                # (BLOCK_STATUS needs structured replies, which are not negotiated).
-                self._reject(command_name(type_), flags, offset, length, cookie, NBD_ENOTSUP)
+                self._unlayered(type_, flags, cookie, offset, length)
                 continue
             req = Request(command, offset, length, flags if not flags & ~_KNOWN_FLAGS else request_flags(flags), payload)
             error = validate(req)
             if error is not None:
-                self._reject(command.name, flags, offset, length, cookie, nbd_error(error))
+                self._reject(command.name, flags, offset, length, cookie, nbd_error(error), command is READ)
+                continue
+            if command is sparse_read:
+                self._structured_read(req, cookie)
                 continue
             try:
                 data = execute(req)
@@ -303,6 +307,26 @@ class _Connection:
                 stats.bytes_read += length
                 continue
             self._complete(req, cookie)
+
+    def _rest_of_header(self, hview: memoryview, n: int) -> bool:
+        """Complete a header the first recv cut short; False at a clean EOF before it."""
+        if n == 0:
+            return False
+        n += self._recv_exact(hview[n:])
+        if n != NBD_REQUEST_SIZE:
+            raise RemoteProtocolError(f"stream ended inside a request header ({n} of {NBD_REQUEST_SIZE} bytes)")
+        return True
+
+    def _write_payload(self, magic: int, cookie: int, length: int) -> memoryview | None:
+        """A WRITE's payload, or None when it is too long to take (refused; the connection ends)."""
+        if length > NBD_MAX_PAYLOAD:
+            check_header(magic, NBD_CMD_READ, length)  # a bad magic outranks the size
+            # The payload can't be skipped safely: refuse, then end the connection in order.
+            log.warning("WRITE of %d bytes exceeds the payload limit; closing the connection", length)
+            self._reply(cookie, NBD_EINVAL)
+            return None
+        check_header(magic, NBD_CMD_WRITE, length)
+        return self._recv_payload(length)
 
     def _recv_payload(self, length: int) -> memoryview:
         if length > len(self._wbuf):
@@ -332,6 +356,21 @@ class _Connection:
         else:
             self._reply(cookie, 0)
 
-    def _reject(self, name: str, flags: int, offset: int, length: int, cookie: int, error: int) -> None:
+    def _unlayered(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> None:
+        """A command the request layer does not serve: BLOCK_STATUS, or one this server lacks."""
+        if type_ == NBD_CMD_BLOCK_STATUS and self.contexts:
+            self._block_status(flags, cookie, offset, length)
+            return
+        # ENOTSUP names the cause exactly: the command is understood as framed but not served
+        # (BLOCK_STATUS needs a metadata context, which was not negotiated).
+        self._reject(command_name(type_), flags, offset, length, cookie, NBD_ENOTSUP)
+
+    def _reject(
+        self, name: str, flags: int, offset: int, length: int, cookie: int, error: int, read: bool = False
+    ) -> None:
         log.info("rejecting %s flags=%#x %d@%d: error %d", name, flags, length, offset, error)
-        self._reply(cookie, error)
+        if self.structured and (read or name == "BLOCK_STATUS"):
+            # proto.md: with structured replies a READ is never answered with a simple reply.
+            self._send(sr.error_chunk(cookie, error, f"{name} {length}@{offset} refused"), None, error)
+        else:
+            self._reply(cookie, error)

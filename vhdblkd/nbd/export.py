@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from ..backend import Backend, FuaMode
+from ..backend import AllocationMap, Backend, FuaMode
 from .constants import (
+    META_BASE_ALLOCATION,
+    META_QEMU_ALLOCATION_DEPTH,
     NBD_FLAG_CAN_MULTI_CONN,
     NBD_FLAG_HAS_FLAGS,
     NBD_FLAG_READ_ONLY,
@@ -44,7 +46,9 @@ class Stats:
 
     reads: int = 0
     writes: int = 0  # WRITE and WRITE_ZEROES
-    bytes_read: int = 0
+    bytes_read: int = 0  # READ data sent (holes not included)
+    hole_bytes: int = 0  # READ bytes answered as hole chunks
+    block_status: int = 0  # BLOCK_STATUS requests answered
     bytes_written: int = 0  # WRITE payload bytes
     flushes: int = 0  # backend flushes done for FLUSH and emulated FUA
     trims: int = 0
@@ -70,12 +74,16 @@ class Export:
         self.can_discard = backend.can_discard
         self.can_multi_conn = backend.can_multi_conn
         self.flags = transmission_flags(backend)
+        # Block status needs a backend that knows its allocation.
+        self.contexts: tuple[str, ...] = (
+            (META_BASE_ALLOCATION, META_QEMU_ALLOCATION_DEPTH) if isinstance(backend, AllocationMap) else ()
+        )
         self._lock = threading.Lock()
         self._live: list[Stats] = []
         self._retired = Stats()
 
     def info(self) -> ExportInfo:
-        return ExportInfo(self.name, self.size, self.flags, self.description)
+        return ExportInfo(self.name, self.size, self.flags, self.description, self.contexts)
 
     @property
     def stats(self) -> Stats:

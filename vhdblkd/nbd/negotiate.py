@@ -30,7 +30,7 @@ NO_TLS = TlsConfig(TlsMode.OFF)
 class Catalog:
     exports: tuple[Export, ...]
     tls: TlsConfig = NO_TLS
-    structured: bool = False  # offer NBD_OPT_STRUCTURED_REPLY (the transmission loop can answer with them)
+    structured: bool = True  # offer NBD_OPT_STRUCTURED_REPLY (and with it block status)
 
     def __post_init__(self) -> None:
         if not self.exports:
