@@ -3,7 +3,8 @@
 An input is `mode:u8 split_seed:u8 stream`:
   mode 0: the transmission codec (RequestDecoder);
   mode 1: the server handshake (ServerHandshake);
-  mode 2: a live serve_connection(handshake=True) over a socketpair on a MemoryBackend.
+  mode 2: a live serve_connection(handshake=True) over a socketpair on an in-memory
+          backend that reports its allocation (structured replies, block status).
 Modes 0 and 1 feed the stream whole and split at points drawn from the
 split seed: only NbdError may escape, and both feedings must agree on every
 request (or reply byte) produced, on whether and where the stream failed,
@@ -19,7 +20,7 @@ import struct
 import threading
 
 from tests.fuzz.guard import time_limit
-from vhdblkd.backend import MemoryBackend
+from tests.nbd.sparsemem import SparseMemoryBackend
 from vhdblkd.errors import NbdError
 from vhdblkd.nbd import constants as c
 from vhdblkd.nbd.codec import Request, RequestDecoder
@@ -28,7 +29,8 @@ from vhdblkd.nbd.server import Export, serve_connection
 
 TIME_LIMIT = 20.0
 LIVE_SIZE = 256 * 1024
-EXPORTS = {"disk": ExportInfo("disk", 1 << 20, c.NBD_FLAG_HAS_FLAGS | c.NBD_FLAG_SEND_FLUSH, "a disk"),
+EXPORTS = {"disk": ExportInfo("disk", 1 << 20, c.NBD_FLAG_HAS_FLAGS | c.NBD_FLAG_SEND_FLUSH, "a disk",
+                              (c.META_BASE_ALLOCATION, c.META_QEMU_ALLOCATION_DEPTH)),
            "ro": ExportInfo("ro", 4096, c.NBD_FLAG_HAS_FLAGS | c.NBD_FLAG_READ_ONLY)}
 
 
@@ -68,7 +70,7 @@ def run_codec(stream: bytes, seed: int) -> None:
 
 
 def _negotiate(chunks: list[bytes]) -> tuple[bytes, bool, str, str | None, bytes]:
-    hs = ServerHandshake(EXPORTS, default="disk")
+    hs = ServerHandshake(EXPORTS, default="disk", structured=True)
     out = bytearray(hs.greeting())
     failed = False
     for chunk in [*chunks, b""]:
@@ -97,7 +99,7 @@ def run_handshake(stream: bytes, seed: int) -> None:
 
 
 def run_live(stream: bytes) -> None:
-    backend = MemoryBackend(LIVE_SIZE)
+    backend = SparseMemoryBackend(LIVE_SIZE)
     export = Export(backend, "disk")
     server_sock, client = socket.socketpair()
     client.settimeout(TIME_LIMIT)
@@ -170,6 +172,22 @@ REQUESTS = (request(c.NBD_CMD_WRITE, 512, 8, c.NBD_CMD_FLAG_FUA, 1, b"ABCDEFGH")
             + request(c.NBD_CMD_DISC, cookie=7))
 
 
+def meta_request(name: bytes, *queries: bytes) -> bytes:
+    out = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+    return out + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+
+
+STRUCTURED = (option(c.NBD_OPT_STRUCTURED_REPLY) + option(c.NBD_OPT_LIST_META_CONTEXT, meta_request(b"disk"))
+              + option(c.NBD_OPT_LIST_META_CONTEXT, meta_request(b"", b"base:", b"qemu:"))
+              + option(c.NBD_OPT_SET_META_CONTEXT, meta_request(b"", b"base:allocation", b"qemu:allocation-depth")))
+SPARSE_REQUESTS = (request(c.NBD_CMD_WRITE, 70000, 8, 0, 1, b"ABCDEFGH") + request(c.NBD_CMD_READ, 0, 131072, 0, 2)
+                   + request(c.NBD_CMD_BLOCK_STATUS, 0, 200000, 0, 3)
+                   + request(c.NBD_CMD_BLOCK_STATUS, 4096, 100, c.NBD_CMD_FLAG_REQ_ONE, 4)
+                   + request(c.NBD_CMD_BLOCK_STATUS, 0, 0, 0, 5) + request(c.NBD_CMD_READ, 1 << 30, 10, 0, 6)
+                   + request(c.NBD_CMD_TRIM, 65536, 8192, 0, 7) + request(c.NBD_CMD_READ, 60000, 70000, 0, 8)
+                   + request(c.NBD_CMD_DISC, cookie=9))
+
+
 def seed_programs() -> dict[str, bytes]:
     go = option(c.NBD_OPT_GO, info_request(b"", c.NBD_INFO_NAME, c.NBD_INFO_BLOCK_SIZE))
     negotiation = (CLIENT_FLAGS + option(c.NBD_OPT_LIST) + option(c.NBD_OPT_STRUCTURED_REPLY)
@@ -184,4 +202,8 @@ def seed_programs() -> dict[str, bytes]:
         "handshake-abort": bytes([1, 2]) + CLIENT_FLAGS + option(c.NBD_OPT_ABORT),
         "live-go": bytes([2, 0]) + negotiation + REQUESTS,
         "live-export-name": bytes([2, 0]) + CLIENT_FLAGS + option(c.NBD_OPT_EXPORT_NAME, b"disk") + REQUESTS,
+        "handshake-structured": bytes([1, 4]) + CLIENT_FLAGS + STRUCTURED + go + SPARSE_REQUESTS,
+        "live-structured": bytes([2, 0]) + CLIENT_FLAGS + STRUCTURED + go + SPARSE_REQUESTS,
+        "live-structured-bytewise": bytes([2, 1]) + CLIENT_FLAGS + STRUCTURED
+        + option(c.NBD_OPT_EXPORT_NAME, b"disk") + SPARSE_REQUESTS,
     }

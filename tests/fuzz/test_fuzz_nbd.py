@@ -39,8 +39,11 @@ commands = st.sampled_from([c.NBD_CMD_READ, c.NBD_CMD_WRITE, c.NBD_CMD_DISC, c.N
 @st.composite
 def requests(draw: st.DrawFn) -> bytes:
     type_ = draw(commands)
-    flags = draw(st.sampled_from([0, 0, c.NBD_CMD_FLAG_FUA, c.NBD_CMD_FLAG_NO_HOLE, 0xFFFF]))
+    flags = draw(st.sampled_from([0, 0, c.NBD_CMD_FLAG_FUA, c.NBD_CMD_FLAG_NO_HOLE, c.NBD_CMD_FLAG_REQ_ONE, 0xFFFF]))
     offset = draw(u64)
+    if type_ in (c.NBD_CMD_READ, c.NBD_CMD_BLOCK_STATUS) and draw(st.booleans()):
+        # Inside the live export's 256 KiB, long enough for hole chunks.
+        return nbdfuzz.request(type_, draw(st.integers(0, 1 << 18)), draw(st.integers(0, 1 << 18)), flags, draw(u64))
     if type_ == c.NBD_CMD_WRITE and draw(st.booleans()):
         payload = draw(st.binary(max_size=600))
         return nbdfuzz.request(type_, offset % (1 << 19), len(payload), flags, draw(u64), payload)
@@ -51,7 +54,8 @@ def requests(draw: st.DrawFn) -> bytes:
 def options(draw: st.DrawFn) -> bytes:
     opt = draw(st.sampled_from([c.NBD_OPT_EXPORT_NAME, c.NBD_OPT_ABORT, c.NBD_OPT_LIST, c.NBD_OPT_STARTTLS,
                                 c.NBD_OPT_INFO, c.NBD_OPT_GO, c.NBD_OPT_STRUCTURED_REPLY,
-                                c.NBD_OPT_LIST_META_CONTEXT, c.NBD_OPT_EXTENDED_HEADERS, 0xDEAD]))
+                                c.NBD_OPT_LIST_META_CONTEXT, c.NBD_OPT_SET_META_CONTEXT, c.NBD_OPT_STRUCTURED_REPLY,
+                                c.NBD_OPT_EXTENDED_HEADERS, 0xDEAD]))
     name = draw(st.sampled_from([b"", b"disk", b"ro", b"missing", b"\xff\xfe", b"d" * 5000]))
     if opt in (c.NBD_OPT_INFO, c.NBD_OPT_GO):
         items = draw(st.lists(st.integers(0, 0xFFFF), max_size=4))
@@ -60,6 +64,14 @@ def options(draw: st.DrawFn) -> bytes:
             data = data[: draw(st.integers(0, len(data)))]
     elif opt == c.NBD_OPT_EXPORT_NAME:
         data = name
+    elif opt in (c.NBD_OPT_LIST_META_CONTEXT, c.NBD_OPT_SET_META_CONTEXT):
+        queries = draw(st.lists(st.sampled_from([b"base:", b"base:allocation", b"qemu:", b"qemu:allocation-depth",
+                                                 b"x-other:", b"nocolon", b"\xff:"]), max_size=4))
+        data = nbdfuzz.meta_request(name[:100], *queries)
+        if draw(st.booleans()):
+            data = data[: draw(st.integers(0, len(data)))]
+    elif opt == c.NBD_OPT_STRUCTURED_REPLY:
+        data = draw(st.sampled_from([b"", b"", b"x"]))
     else:
         data = draw(st.binary(max_size=20))
     if draw(st.integers(0, 9)) == 0:
