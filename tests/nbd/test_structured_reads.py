@@ -14,7 +14,7 @@ from vhdblkd.nbd import constants as c
 from vhdblkd.nbd.server import Export, serve_connection
 
 from .sclient import StructuredClient
-from .sparsemem import PAGE, SparseMemoryBackend
+from .sparsemem import SparseMemoryBackend
 
 SIZE = 1 << 20
 CONTEXTS = (c.META_BASE_ALLOCATION, c.META_QEMU_ALLOCATION_DEPTH)
