@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
@@ -88,7 +88,11 @@ BUSY_BACKOFF: Final = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 class nbd_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped; lower-case as its own families
-    """A message of the nbd family; attribute numbers are positions in nla_map."""
+    """A message of the nbd family; attribute numbers are positions in nla_map.
+
+    Nested attributes carry NLA_F_NESTED as a third field: pyroute2 0.7.2
+    (Debian 12's python3-pyroute2) knows only that spelling, not "type|nested".
+    """
 
     prefix = "NBD_ATTR_"
     nla_map = (
@@ -99,9 +103,9 @@ class nbd_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped; lower-case
         ("NBD_ATTR_TIMEOUT", "uint64"),
         ("NBD_ATTR_SERVER_FLAGS", "uint64"),
         ("NBD_ATTR_CLIENT_FLAGS", "uint64"),
-        ("NBD_ATTR_SOCKETS", "sock_list|nested"),
+        ("NBD_ATTR_SOCKETS", "sock_list", NLA_F_NESTED),
         ("NBD_ATTR_DEAD_CONN_TIMEOUT", "uint64"),
-        ("NBD_ATTR_DEVICE_LIST", "device_list|nested"),
+        ("NBD_ATTR_DEVICE_LIST", "device_list", NLA_F_NESTED),
         ("NBD_ATTR_BACKEND_IDENTIFIER", "asciiz"),
     )
 
@@ -109,7 +113,7 @@ class nbd_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped; lower-case
         prefix = "NBD_SOCK_"
         nla_map = (
             ("NBD_SOCK_ITEM_UNSPEC", "none"),
-            ("NBD_SOCK_ITEM", "sock_item|nested"),
+            ("NBD_SOCK_ITEM", "sock_item", NLA_F_NESTED),
         )
 
         class sock_item(nla):  # type: ignore[misc]  # pyroute2 is untyped
@@ -123,7 +127,7 @@ class nbd_msg(genlmsg):  # type: ignore[misc]  # pyroute2 is untyped; lower-case
         prefix = "NBD_DEVICE_"
         nla_map = (
             ("NBD_DEVICE_ITEM_UNSPEC", "none"),
-            ("NBD_DEVICE_ITEM", "device_item|nested"),
+            ("NBD_DEVICE_ITEM", "device_item", NLA_F_NESTED),
         )
 
         class device_item(nla):  # type: ignore[misc]  # pyroute2 is untyped
