@@ -9,6 +9,7 @@ not from the generator's own walk of the parsers.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -154,11 +155,14 @@ def test_vhdtab_page_names_every_option_the_parser_accepts(pages: dict[str, Path
     block = source.split("Comma\\-separated, no spaces:", 1)[1].split("\n.RE\n", 1)[0]
     # Each option is a tagged paragraph: `.TP` then `.B ro` / `.BI timeout= SECONDS` / `.BR block_size= 512 | 4096`.
     documented = set(re.findall(r"^\.TP\n\.B[IR]? ([a-z_]+)", block, re.M))
-    accepted = set(vhdtab._VALUED) | {"ro", "rw", "allow_unsafe_parent"}
+    # Valued options from the parser's table; flags are the entry's other booleans (read_only: ro and rw).
+    flags = {f.name for f in dataclasses.fields(vhdtab.VhdtabEntry) if f.type in (bool, "bool")} - {"read_only"}
+    flags |= {"ro", "rw"}
+    accepted = set(vhdtab._VALUED) | flags
     assert documented == accepted
     for key in documented:  # and the parser really takes each one
         sample = {"device": "nbd3", "block_size": "4096"}.get(key, "5")
-        vhdtab.parse_options(key if key in ("ro", "rw", "allow_unsafe_parent") else f"{key}={sample}")
+        vhdtab.parse_options(key if key in flags else f"{key}={sample}")
     # The commented example installed as /etc/vhdblkd/vhdtab documents the same options.
     example = (REPO / "etc" / "vhdtab").read_text()
     for key in accepted - {"rw"}:
