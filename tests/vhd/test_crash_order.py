@@ -89,8 +89,8 @@ def record(kind: str, seed: int) -> Recording:
             image.flush()
             flushes.append((len(disk.ops), bytes(model)))
     # End on a wholly discarded tail block, which close() frees by shrinking the file.
-    bat = image._bat  # noqa: SLF001 - the test needs to know which blocks are free
-    free_block = next(i for i in range(BLOCKS) if bat[i] == 0xFFFFFFFF)
+    allocated = set(image.allocated_block_indexes())
+    free_block = next(i for i in range(BLOCKS) if i not in allocated)
     writes.append((len(disk.ops), free_block * BS, b"\x77" * BS))
     image.write(free_block * BS, b"\x77" * BS)
     writes.append((len(disk.ops), free_block * BS, bytes(BS)))

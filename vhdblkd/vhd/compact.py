@@ -13,7 +13,6 @@ footer is written after the last block and the file truncated.
 from __future__ import annotations
 
 import dataclasses
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,14 +20,14 @@ from vhdblkd.errors import CorruptImage, UnsupportedImage
 from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
+from vhdblkd.vhd.blockmap import UNUSED
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import FileFactory, open_image
-from vhdblkd.vhd.layout import Layout, scan, sectors_to_bytes
+from vhdblkd.vhd.layout import Layout, scan
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.recovery import needs_repair, repair
 
 Progress = Callable[[int, int], None]
-_ENTRY = struct.Struct(">I")
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -92,20 +91,22 @@ def maintain(path: str, *, lock: bool = True, file_factory: FileFactory = ImageF
 
 
 def write_bat_entry(m: Maintenance, block: int, entry: int) -> None:
-    assert m.layout.header is not None
-    m.file.pwrite(m.layout.header.table_offset + c.BAT_ENTRY_SIZE * block, _ENTRY.pack(entry))
+    assert m.layout.blocks is not None
+    m.layout.blocks.write_entry(m.file, block, entry)
 
 
 def _block_is_free(m: Maintenance, image: VhdImage, block: int, entry: int) -> bool:
     """True if dropping the block's BAT entry leaves what the block reads as unchanged."""
     lay = m.layout
-    bs = lay.block_size
+    blocks = lay.blocks
+    assert blocks is not None
+    bs = blocks.block_size
     start = block * bs
     length = min(bs, lay.virtual_size - start) if start < lay.virtual_size else 0
     parent = image.parent
     if parent is not None:
-        bitmap = m.file.pread(sectors_to_bytes(entry), lay.bitmap_size)
-        if bits.none_set(bitmap, bs // c.SECTOR_SIZE):
+        bitmap = blocks.read_bitmap(m.file, entry)
+        if bits.none_set(bitmap, blocks.sectors_per_block):
             return True  # nothing of this block lives in the child
     if length == 0:
         return True  # past the disk's end: nothing can read it
@@ -127,16 +128,16 @@ def compact(path: str, *, progress: Progress = _no_progress, lock: bool = True,
         if lay.footer.disk_type == c.DISK_TYPE_FIXED:
             raise UnsupportedImage(f"{path}: a fixed image has no blocks to give back; "
                                    "convert it to dynamic to make it sparse")
-        assert lay.bat is not None
+        assert lay.blocks is not None
         size_before = m.file.size()
-        allocated = [(i, e) for i, e in enumerate(lay.bat) if e != c.BAT_UNUSED]
+        allocated = lay.blocks.allocated_blocks()
         freed = 0
         with m.reader(allow_unsafe_parent=allow_unsafe_parent) as image:
             disk_type = image.disk_type
             for n, (block, entry) in enumerate(allocated):
                 progress(n, len(allocated))
                 if _block_is_free(m, image, block, entry):
-                    write_bat_entry(m, block, c.BAT_UNUSED)
+                    write_bat_entry(m, block, UNUSED)
                     freed += 1
         progress(len(allocated), len(allocated))
         if freed:

@@ -83,3 +83,6 @@ MAX_BLOCK_SIZE = 256 * 1024 * 1024
 
 BAT_UNUSED = 0xFFFFFFFF
 BAT_ENTRY_SIZE = 4
+
+# Zeros are written, and data scanned, at most this much at a time.
+CHUNK_SIZE = 1024 * 1024

@@ -21,10 +21,11 @@ import uuid
 from collections.abc import Callable
 
 from vhdblkd.errors import UnsupportedImage
+from vhdblkd.fsutil import remove_quietly
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.blockmap import round_up_sector, unused_table
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import Geometry, size_for_create
-from vhdblkd.vhd.layout import round_up_sector
 from vhdblkd.vhd.parent import locator_texts, parent_name_field
 from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator
 from vhdblkd.vhd.timestamp import vhd_mtime, vhd_now
@@ -59,13 +60,6 @@ def _new_file(path: str, factory: FileFactory) -> ImageFile:
     return factory(path, True, create=True)
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def create_fixed(path: str, size: int, *, exact_size: bool = False, azure: bool = False,
                  progress: Callable[[int, int], None] | None = None,
                  file_factory: FileFactory = ImageFile) -> None:
@@ -91,7 +85,7 @@ def create_fixed(path: str, size: int, *, exact_size: bool = False, azure: bool 
         f.fdatasync()
     except BaseException:
         f.close()
-        _remove_quietly(path)
+        remove_quietly(path)
         raise
     f.close()
 
@@ -107,7 +101,7 @@ def _write_sparse_image(f: ImageFile, footer: Footer, header: DynamicHeader,
     entries = header.max_table_entries
     f.pwrite(0, footer.pack())
     f.pwrite(footer.data_offset, header.pack())
-    f.pwrite(header.table_offset, b"\xff" * round_up_sector(entries * c.BAT_ENTRY_SIZE))
+    f.pwrite(header.table_offset, unused_table(round_up_sector(entries * c.BAT_ENTRY_SIZE)))
     for offset, data in extra:
         f.pwrite(offset, data)
     f.pwrite(data_end, footer.pack())
@@ -131,7 +125,7 @@ def create_dynamic(path: str, size: int, *, block_size: int = c.DEFAULT_BLOCK_SI
         _write_sparse_image(f, footer, header, [], data_end)
     except BaseException:
         f.close()
-        _remove_quietly(path)
+        remove_quietly(path)
         raise
     f.close()
 
@@ -181,6 +175,6 @@ def create_differencing(path: str, parent_path: str, *, block_size: int | None =
         _write_sparse_image(f, footer, header, extra, pos)
     except BaseException:
         f.close()
-        _remove_quietly(path)
+        remove_quietly(path)
         raise
     f.close()

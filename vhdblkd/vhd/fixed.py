@@ -11,12 +11,12 @@ from __future__ import annotations
 import mmap
 
 from vhdblkd.backend import Buffer
+from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
 
-_ZERO_CHUNK = 1024 * 1024
 
 
 class FixedImage(VhdImage):
@@ -28,7 +28,7 @@ class FixedImage(VhdImage):
         self._map: mmap.mmap | None = file.map_readonly(self._size)
         self._view: memoryview | None = memoryview(self._map) if self._map is not None else None
         self._pwrite = file.pwrite
-        self._zeros = bytes(min(_ZERO_CHUNK, max(self._size, 1)))
+        self._zeros = bytes(min(c.CHUNK_SIZE, max(self._size, 1)))
 
     def stored_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, stored) runs of [offset, offset+length): not stored = a hole in the file."""

@@ -9,7 +9,8 @@ from vhdblkd.errors import ParentError, VhdError
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
 from vhdblkd.vhd.base import VhdImage
-from vhdblkd.vhd.dynamic import DifferencingImage, DynamicImage
+from vhdblkd.vhd.differencing import DifferencingImage
+from vhdblkd.vhd.dynamic import DynamicImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.fixed import FixedImage
 from vhdblkd.vhd.layout import scan

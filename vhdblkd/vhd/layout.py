@@ -9,11 +9,11 @@ or allocation: block size, table size, offsets past end of file.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from array import array
+import os
 
 from vhdblkd.errors import CorruptImage, UnsupportedImage, VhdError
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.blockmap import UNUSED, BlockMap, round_up_sector
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import virtual_size
 from vhdblkd.vhd.structs import DynamicHeader, Footer
@@ -33,20 +33,6 @@ class Problem:
     offset: int | None = None
 
 
-def sectors_to_bytes(sector: int) -> int:
-    return sector * c.SECTOR_SIZE
-
-
-def bitmap_size_for(block_size: int) -> int:
-    """Bytes of a block's sector bitmap: one bit per sector, padded to a sector."""
-    bits_bytes = block_size // c.SECTOR_SIZE // 8
-    return max(c.SECTOR_SIZE, -(-bits_bytes // c.SECTOR_SIZE) * c.SECTOR_SIZE)
-
-
-def round_up_sector(offset: int) -> int:
-    return -(-offset // c.SECTOR_SIZE) * c.SECTOR_SIZE
-
-
 @dataclasses.dataclass(slots=True)
 class Layout:
     path: str
@@ -60,20 +46,14 @@ class Layout:
     header: DynamicHeader | None = None
     header_checksum_ok: bool = False
     virtual_size: int = 0
-    bat: array[int] | None = None  # host-order entries, all max_table_entries of them
+    blocks: BlockMap | None = None  # the whole BAT, all max_table_entries of it
     total_blocks: int = 0  # the entries the virtual size needs
-    block_size: int = 0
-    bitmap_size: int = 0
     metadata: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
     metadata_end: int = 0
     data_end: int = 0  # end of the last referenced block (or of metadata)
     leaks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
     fatal: VhdError | None = None
-
-    @property
-    def stride(self) -> int:
-        return self.bitmap_size + self.block_size
 
     def add(self, code: str, message: str, offset: int | None = None) -> None:
         self.problems.append(Problem(code, message, offset))
@@ -83,6 +63,24 @@ class Layout:
         if self.fatal is None:
             self.fatal = error
         return self
+
+
+def looks_like_vhd(path: str | os.PathLike[str]) -> bool:
+    """True when the file has a footer cookie where scan() looks for one.
+
+    That is at its end (the footer, or the old 511-byte form of it) or at offset 0
+    (the copy a dynamic image keeps).  A file or block device, read with plain I/O.
+    """
+    cookie = c.FOOTER_COOKIE
+    with open(path, "rb") as f:
+        head = f.read(len(cookie))
+        end = f.seek(0, os.SEEK_END)
+        for footer_length in (c.FOOTER_SIZE, c.FOOTER_SIZE - 1):
+            if end >= footer_length:
+                f.seek(end - footer_length)
+                if f.read(len(cookie)) == cookie:
+                    return True
+    return head == cookie
 
 
 def _read_footer_at(f: ImageFile, offset: int, length: int) -> tuple[Footer | None, bool, str]:
@@ -205,8 +203,6 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
             f"{path}: dynamic header field block_size expected a power of two from 512 to "
             f"{c.MAX_BLOCK_SIZE}, found {bs}; {DAMAGED_HINT}"), hoff + 32)
         return
-    lay.block_size = bs
-    lay.bitmap_size = bitmap_size_for(bs)
     needed = -(-lay.virtual_size // bs)
     if header.max_table_entries < needed:
         lay.fail("bat-size", CorruptImage(
@@ -238,11 +234,7 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
         lay.fail("bat-offset", CorruptImage(
             f"{path}: the BAT at {toff} overlaps the dynamic header at {hoff}; {DAMAGED_HINT}"), hoff + 16)
         return
-    bat = array("I")
-    bat.frombytes(f.pread(toff, table_bytes))
-    if sys.byteorder == "little":
-        bat.byteswap()
-    lay.bat = bat
+    lay.blocks = BlockMap.read(f, table_offset=toff, entries=header.max_table_entries, block_size=bs)
     lay.total_blocks = needed
     meta = [(0, c.SECTOR_SIZE, "footer copy"), (hoff, DynamicHeader.SIZE, "dynamic header"),
             (toff, round_up_sector(table_bytes), "BAT")]
@@ -263,26 +255,27 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
 
 
 def _scan_blocks(lay: Layout) -> None:
-    assert lay.bat is not None
-    path, stride = lay.path, lay.stride
-    toff = lay.header.table_offset if lay.header else 0
+    blocks = lay.blocks
+    assert blocks is not None
+    path, stride = lay.path, blocks.stride
     limit = lay.footer_offset
     extents: list[tuple[int, int]] = []
-    for index, entry in enumerate(lay.bat):
-        if entry == c.BAT_UNUSED:
+    for index, entry in enumerate(blocks.entries):
+        if entry == UNUSED:
             continue
-        start = sectors_to_bytes(entry)
+        start = blocks.bitmap_offset(entry)
+        where = blocks.entry_offset(index)
         if start + stride > limit:
             lay.fail("bat-past-eof", CorruptImage(
-                f"{path}: BAT entry {index} (at offset {toff + 4 * index}) points at offset {start}, "
+                f"{path}: BAT entry {index} (at offset {where}) points at offset {start}, "
                 f"but the block ({stride} bytes) ends past the data area ending at {limit}; {DAMAGED_HINT}"),
-                toff + 4 * index)
+                where)
             return
         for moff, mlen, what in lay.metadata:
             if start < moff + mlen and moff < start + stride:
                 lay.fail("bat-overlap", CorruptImage(
-                    f"{path}: BAT entry {index} (at offset {toff + 4 * index}) points at offset {start}, "
-                    f"overlapping the {what} at {moff}; {DAMAGED_HINT}"), toff + 4 * index)
+                    f"{path}: BAT entry {index} (at offset {where}) points at offset {start}, "
+                    f"overlapping the {what} at {moff}; {DAMAGED_HINT}"), where)
                 return
         extents.append((start, index))
     extents.sort()
@@ -290,7 +283,7 @@ def _scan_blocks(lay: Layout) -> None:
         if b < a + stride:
             lay.fail("bat-overlap", CorruptImage(
                 f"{path}: BAT entries {ia} and {ib} point at overlapping blocks (offsets {a} and {b}, "
-                f"block size {stride} with bitmap); {DAMAGED_HINT}"), toff + 4 * ib)
+                f"block size {stride} with bitmap); {DAMAGED_HINT}"), blocks.entry_offset(ib))
             return
     pos = lay.metadata_end
     for start, _ in extents:

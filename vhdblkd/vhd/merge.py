@@ -20,11 +20,11 @@ from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
+from vhdblkd.vhd.blockmap import sectors_to_bytes
 from vhdblkd.vhd.compact import Progress, _no_progress, maintain
 from vhdblkd.vhd.create import create_differencing
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import FileFactory, open_image
-from vhdblkd.vhd.layout import sectors_to_bytes
 from vhdblkd.vhd.timestamp import vhd_mtime
 
 
@@ -42,14 +42,14 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
     with maintain(child, lock=lock, file_factory=file_factory) as m:
         lay = m.layout
         assert lay.footer is not None
-        if lay.footer.disk_type != c.DISK_TYPE_DIFFERENCING or lay.header is None or lay.bat is None:
+        blocks = lay.blocks
+        if lay.footer.disk_type != c.DISK_TYPE_DIFFERENCING or lay.header is None or blocks is None:
             raise UnsupportedImage(f"{child}: only a differencing image can be merged into its parent")
         header = lay.header
         exists = getattr(file_factory, "exists", os.path.isfile)
         found_by, parent_path = parent_mod.find(m.file, header, child, allow_unsafe=allow_unsafe_parent,
                                                 exists=exists)
-        spb = lay.block_size // c.SECTOR_SIZE
-        allocated = [(i, e) for i, e in enumerate(lay.bat) if e != c.BAT_UNUSED and i < lay.total_blocks]
+        allocated = [(i, e) for i, e in blocks.allocated_blocks() if i < lay.total_blocks]
         copied = 0
         with open_image(parent_path, read_only=False, lock=lock, allow_unsafe_parent=allow_unsafe_parent,
                         file_factory=file_factory) as parent:
@@ -63,16 +63,16 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
             limit = min(lay.virtual_size, parent.size)
             for n, (block, entry) in enumerate(allocated):
                 progress(n, len(allocated))
-                base = sectors_to_bytes(entry)
-                bitmap = m.file.pread(base, lay.bitmap_size).ljust(lay.bitmap_size, b"\0")
-                for start, stop, present in bits.runs(bitmap, 0, spb):
+                data_at = blocks.data_offset(entry)
+                bitmap = blocks.read_bitmap(m.file, entry)
+                for start, stop, present in bits.runs(bitmap, 0, blocks.sectors_per_block):
                     if not present:
                         continue
-                    voff = block * lay.block_size + start * c.SECTOR_SIZE
-                    length = min((stop - start) * c.SECTOR_SIZE, limit - voff)
+                    voff = block * blocks.block_size + sectors_to_bytes(start)
+                    length = min(sectors_to_bytes(stop - start), limit - voff)
                     if length <= 0:
                         continue
-                    data = m.file.pread(base + lay.bitmap_size + start * c.SECTOR_SIZE, length)
+                    data = m.file.pread(data_at + sectors_to_bytes(start), length)
                     parent.write(voff, data.ljust(length, b"\0"))
                     copied += length
             parent.flush()

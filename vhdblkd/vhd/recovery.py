@@ -14,14 +14,12 @@ Every step keeps the file openable if it is interrupted:
 from __future__ import annotations
 
 import logging
-import struct
 
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.fileio import ImageFile
-from vhdblkd.vhd.layout import Layout, scan, sectors_to_bytes
+from vhdblkd.vhd.layout import Layout, scan
 
 log = logging.getLogger(__name__)
-_ENTRY = struct.Struct(">I")
 
 
 def needs_repair(lay: Layout) -> bool:
@@ -62,19 +60,20 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
 
 
 def _relocate_last_block(f: ImageFile, lay: Layout) -> Layout:
-    assert lay.bat is not None and lay.header is not None
+    blocks = lay.blocks
+    assert blocks is not None
     hole_offset, _ = lay.leaks[0]
-    top_entry = max((e for e in lay.bat if e != c.BAT_UNUSED), default=c.BAT_UNUSED)
-    top_offset = sectors_to_bytes(top_entry)
-    if top_entry == c.BAT_UNUSED or top_offset <= hole_offset:
+    last = blocks.last_block()
+    if last is None or blocks.bitmap_offset(last[1]) <= hole_offset:
         lay.leaks.clear()
         return lay
-    block = lay.bat.index(top_entry)
+    block, top_entry = last
+    top_offset = blocks.bitmap_offset(top_entry)
     log.warning("%s: moving block %d from offset %d into the leaked space at %d",
                 lay.path, block, top_offset, hole_offset)
-    data = f.pread(top_offset, lay.stride)
+    data = f.pread(top_offset, blocks.stride)
     f.pwrite(hole_offset, data)
     f.fdatasync()  # the copy is durable before anything points at it
-    f.pwrite(lay.header.table_offset + c.BAT_ENTRY_SIZE * block, _ENTRY.pack(hole_offset // c.SECTOR_SIZE))
+    blocks.write_entry(f, block, blocks.entry_for(hole_offset))
     f.fdatasync()  # the old copy is now orphan space at the tail
     return scan(f, lay.path)

@@ -29,15 +29,14 @@ import dataclasses
 
 from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.blockmap import UNUSED, round_up_sector, unused_table
 from vhdblkd.vhd.compact import Maintenance, Progress, _no_progress, maintain, write_bat_entry
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import size_for_create
 from vhdblkd.vhd.image import FileFactory, open_image
-from vhdblkd.vhd.layout import round_up_sector, sectors_to_bytes
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader, Footer
 
-_CHUNK = 1024 * 1024
 
 
 class DataLoss(UnsupportedImage):
@@ -67,7 +66,7 @@ def _range_has_data(m: Maintenance, start: int, end: int, progress: Progress) ->
         pos = start
         while pos < end:
             progress(pos - start, end - start)
-            n = min(_CHUNK, end - pos)
+            n = min(c.CHUNK_SIZE, end - pos)
             if any(image.read(pos, n)):
                 return True
             pos += n
@@ -136,10 +135,11 @@ def _write_footers(m: Maintenance, footer: Footer) -> None:
 
 def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
     lay = m.layout
-    assert lay.header is not None and lay.bat is not None and lay.footer is not None
+    blocks = lay.blocks
+    assert lay.header is not None and blocks is not None and lay.footer is not None
     f = m.file
     header = lay.header
-    entries = max(header.max_table_entries, -(-footer.current_size // lay.block_size))
+    entries = max(header.max_table_entries, -(-footer.current_size // blocks.block_size))
     bat_end = header.table_offset + round_up_sector(entries * c.BAT_ENTRY_SIZE)
     later = [(off, ln, what) for off, ln, what in lay.metadata if what != "BAT" and off >= header.table_offset]
     locators = [(off, ln, int(what.rsplit(" ", 1)[1])) for off, ln, what in later
@@ -151,25 +151,24 @@ def _grow_dynamic(m: Maintenance, footer: Footer, progress: Progress) -> int:
     # Moved locators go past both the new BAT and the old locators, so no copy overwrites an original.
     locator_at = max([bat_end] + [off + ln for off, ln, _ in locators])
     meta_end = locator_at + sum(ln for _, ln, _ in moving) if moving else bat_end
-    in_the_way = sorted((e, i) for i, e in enumerate(lay.bat)
-                        if e != c.BAT_UNUSED and sectors_to_bytes(e) < meta_end)
+    in_the_way = sorted((e, i) for i, e in blocks.allocated_blocks() if blocks.bitmap_offset(e) < meta_end)
     end = max(lay.data_end, meta_end)
     old_footer = lay.footer.pack()
     for n, (entry, block) in enumerate(in_the_way):
         progress(n, len(in_the_way))
-        data = f.pread(sectors_to_bytes(entry), lay.stride)
-        f.pwrite(end + lay.stride, old_footer)  # the file stays valid; the new slot is orphan space
+        data = f.pread(blocks.bitmap_offset(entry), blocks.stride)
+        f.pwrite(end + blocks.stride, old_footer)  # the file stays valid; the new slot is orphan space
         f.pwrite(end, data)
         f.fdatasync()  # the copy is durable before the BAT points at it
-        write_bat_entry(m, block, end // c.SECTOR_SIZE)
+        write_bat_entry(m, block, blocks.entry_for(end))
         f.fdatasync()
-        end += lay.stride
+        end += blocks.stride
     if end > lay.data_end and not in_the_way:
         f.pwrite(end, old_footer)  # no block to move, but the table needs the room
     if moving:
         header = _move_locators(m, header, moving, locator_at)
     old_table = header.table_offset + header.max_table_entries * c.BAT_ENTRY_SIZE
-    f.pwrite(old_table, b"\xff" * (bat_end - old_table))
+    f.pwrite(old_table, unused_table(bat_end - old_table))
     f.fdatasync()  # the new entries read as unused before the header counts them
     f.pwrite(footer.data_offset, header.replace(max_table_entries=entries).pack())
     f.fdatasync()
@@ -196,9 +195,9 @@ def _move_locators(m: Maintenance, header: DynamicHeader, moving: list[tuple[int
 
 def _shrink_dynamic(m: Maintenance, footer: Footer, lost: bool) -> None:
     lay = m.layout
-    assert lay.bat is not None
+    assert lay.blocks is not None
     new_size = footer.current_size
-    bs = lay.block_size
+    bs = lay.blocks.block_size
     if lost and new_size % bs:
         # The block cut in the middle keeps its bytes past the new end; zero them so a later
         # grow shows zeros there, as a grown disk must.
@@ -206,12 +205,12 @@ def _shrink_dynamic(m: Maintenance, footer: Footer, lost: bool) -> None:
             last = -(-new_size // bs) * bs
             image.write_zeroes(new_size, min(last, image.size) - new_size, may_trim=False)
         lay = m.rescan()
-    assert lay.bat is not None
+    assert lay.blocks is not None
     keep = -(-new_size // bs)
     dropped = False
-    for block in range(keep, len(lay.bat)):
-        if lay.bat[block] != c.BAT_UNUSED:
-            write_bat_entry(m, block, c.BAT_UNUSED)
+    for block, _ in lay.blocks.allocated_blocks():
+        if block >= keep:
+            write_bat_entry(m, block, UNUSED)
             dropped = True
     if dropped:
         m.file.fdatasync()

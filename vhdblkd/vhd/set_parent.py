@@ -28,10 +28,10 @@ from vhdblkd.errors import ParentError, UnsupportedImage
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import parent as parent_mod
 from vhdblkd.vhd.base import VhdImage
+from vhdblkd.vhd.blockmap import round_up_sector
 from vhdblkd.vhd.compact import Maintenance, maintain, write_bat_entry
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.image import FileFactory, open_image
-from vhdblkd.vhd.layout import round_up_sector, sectors_to_bytes
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader, ParentLocator
 from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
@@ -155,9 +155,12 @@ def _rewrite(m: Maintenance, header: DynamicHeader, texts: list[tuple[bytes, str
 def _room(m: Maintenance, need: int) -> tuple[int, int]:
     """(offset of `need` free bytes among the metadata, blocks moved to make it)."""
     lay = m.layout
-    assert lay.bat is not None and lay.footer is not None
+    blocks = lay.blocks
+    assert blocks is not None and lay.footer is not None
+    stride = blocks.stride
+    allocated = blocks.allocated_blocks()
     busy = sorted([(off, round_up_sector(ln)) for off, ln, _ in lay.metadata]
-                  + [(sectors_to_bytes(e), lay.stride) for e in lay.bat if e != c.BAT_UNUSED])
+                  + [(blocks.bitmap_offset(e), stride) for _, e in allocated])
     pos = 0
     for off, ln in busy:
         if off >= lay.metadata_end:
@@ -166,19 +169,18 @@ def _room(m: Maintenance, need: int) -> tuple[int, int]:
             return pos, 0
         pos = max(pos, round_up_sector(off + ln))
     at = lay.metadata_end
-    in_the_way = sorted((e, i) for i, e in enumerate(lay.bat)
-                        if e != c.BAT_UNUSED and sectors_to_bytes(e) < at + need
-                        and sectors_to_bytes(e) + lay.stride > at)
+    in_the_way = sorted((e, i) for i, e in allocated
+                        if blocks.bitmap_offset(e) < at + need and blocks.bitmap_offset(e) + stride > at)
     end = max(lay.data_end, at + need)
     old_footer = lay.footer.pack()
     for entry, block in in_the_way:
-        data = m.file.pread(sectors_to_bytes(entry), lay.stride)
-        m.file.pwrite(end + lay.stride, old_footer)  # the file stays valid; the new slot is orphan space
-        m.file.pwrite(end, data.ljust(lay.stride, b"\0"))
+        data = m.file.pread(blocks.bitmap_offset(entry), stride)
+        m.file.pwrite(end + stride, old_footer)  # the file stays valid; the new slot is orphan space
+        m.file.pwrite(end, data.ljust(stride, b"\0"))
         m.file.fdatasync()  # the copy is durable before the BAT points at it
-        write_bat_entry(m, block, end // c.SECTOR_SIZE)
+        write_bat_entry(m, block, blocks.entry_for(end))
         m.file.fdatasync()
-        end += lay.stride
+        end += stride
     if end > lay.data_end and not in_the_way:
         m.file.pwrite(end, old_footer)  # nothing moved, but the data needs room before the footer
     return at, len(in_the_way)
