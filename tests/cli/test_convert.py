@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vhdblkd.cli import convert as cv
+from vhdblkd.vhd import copy as cv
 from vhdblkd.vhd.create import create_differencing, create_dynamic, create_fixed
 from vhdblkd.vhd.image import open_image
 

@@ -20,7 +20,7 @@ import dataclasses
 import errno
 import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from vhdblkd.vhd.fileio import Buffer, ImageFile
 from vhdblkd.vhd.memfile import Op
@@ -131,11 +131,6 @@ class FaultFile(ImageFile):
         payload = bytes(data)
         self.inner.pwrite(offset, payload)
         self.log.ops.append(Op("write", offset, payload))
-
-    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        for buf in buffers:
-            self.pwrite(offset, buf)
-            offset += len(buf)
 
     def truncate(self, length: int) -> None:
         if not self.writable or length < 0:

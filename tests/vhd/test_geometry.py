@@ -10,7 +10,7 @@ import pytest
 
 from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import constants as c
-from vhdblkd.vhd.geometry import MAX_GEOMETRY, Geometry, chs_from_size, size_for_create, size_from_chs, virtual_size
+from vhdblkd.vhd.geometry import MAX_GEOMETRY, Geometry, chs_from_sectors, size_for_create, virtual_size
 from vhdblkd.vhd.structs import Footer
 
 MiB = 1024 * 1024
@@ -38,12 +38,16 @@ def test_exact_size_uses_max_geometry_like_force_size(requested: int) -> None:
     assert size == requested and geometry == MAX_GEOMETRY
 
 
+def chs_from_size(size: int) -> Geometry:
+    return chs_from_sectors(size // 512)
+
+
 def test_chs_from_size_spec_branches() -> None:
     assert chs_from_size(100 * MiB) == (1003, 12, 17)  # rounds down; create rounds up
     assert chs_from_size(20 * MiB) == (602, 4, 17)
     assert chs_from_size(GiB) == (2080, 16, 63)
     assert chs_from_size(c.MAX_VIRTUAL_SIZE) == (65535, 16, 255)
-    assert size_from_chs(1004, 12, 17) == 104865792
+    assert Geometry(1004, 12, 17).total_sectors * 512 == 104865792
 
 
 def test_rounded_size_is_expressible_and_not_smaller() -> None:
@@ -51,7 +55,7 @@ def test_rounded_size_is_expressible_and_not_smaller() -> None:
         size, geometry = size_for_create(requested)
         assert size >= requested
         assert size == geometry.total_sectors * 512
-        assert chs_from_size(size) == tuple(geometry)
+        assert chs_from_size(size) == geometry
 
 
 def test_sizes_round_up_to_sectors_and_limits() -> None:

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DiskFull, ImageLocked, ParentError, VhdblkError
+from ..fsutil import remove_quietly
 from ..vhd import check as vhd_check
+from ..vhd import constants as vhd_constants
+from ..vhd import copy as vhd_copy
 from ..vhd import create as vhd_create
 from ..vhd import image as vhd_image
 from ..vhd.geometry import MAX_GEOMETRY
 from ..vhd.info import ChainLevel, ImageInfo
-from . import convert as convert_mod
 from .parent_args import add_parent_args
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, format_size_exact, parse_size
@@ -31,7 +33,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNUSABLE = 2  # bad usage, or the image cannot be opened
 
-DISK_TYPES = ("fixed", "dynamic", "differencing")
+DISK_TYPES = tuple(vhd_constants.DISK_TYPE_NAMES.values())  # fixed, dynamic, differencing
 
 
 class UsageError(VhdblkError):
@@ -86,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "All-zero data is not written: raw output stays sparse and dynamic VHD blocks stay unallocated. "
         "DST must not exist; it appears only when complete.",
     )
-    p.add_argument("--to", choices=[t.value for t in convert_mod.Target], default=None, help="output format (default: dynamic for *.vhd, else raw)")
+    p.add_argument("--to", choices=[t.value for t in vhd_copy.Target], default=None, help="output format (default: dynamic for *.vhd, else raw)")
     p.add_argument("--block-size", type=_size_arg, default=None, help="block size of a dynamic output (default 2M)")
     p.add_argument("--progress", action="store_true", help="show a progress bar (only when stderr is a terminal)")
     p.add_argument("src", metavar="SRC")
@@ -131,9 +133,9 @@ def _create(args: argparse.Namespace) -> int:  # noqa: C901  one flat list of op
     if args.block_size is not None and disk_type == "fixed":
         raise UsageError(f"{path}: fixed images have no blocks; drop --block-size")
     if os.path.lexists(path):
-        raise convert_mod.ConvertError(f"{path}: already exists; remove it or choose another name (create never overwrites)")
+        raise vhd_copy.ConvertError(f"{path}: already exists; remove it or choose another name (create never overwrites)")
     if not path.parent.is_dir():
-        raise convert_mod.ConvertError(f"{path}: the folder {path.parent} does not exist; create it first")
+        raise vhd_copy.ConvertError(f"{path}: the folder {path.parent} does not exist; create it first")
 
     try:
         if disk_type == "fixed":
@@ -141,7 +143,7 @@ def _create(args: argparse.Namespace) -> int:  # noqa: C901  one flat list of op
             with ProgressBar("create") as bar:
                 vhd_create.create_fixed(str(path), size, exact_size=args.exact_size, azure=args.azure, progress=bar if bar.enabled else None)
         elif disk_type == "dynamic":
-            block_size = args.block_size if args.block_size is not None else convert_mod.DEFAULT_BLOCK_SIZE
+            block_size = args.block_size if args.block_size is not None else vhd_constants.DEFAULT_BLOCK_SIZE
             assert size is not None
             vhd_create.create_dynamic(str(path), size, block_size=block_size, exact_size=args.exact_size)
         else:
@@ -151,19 +153,12 @@ def _create(args: argparse.Namespace) -> int:  # noqa: C901  one flat list of op
         raise
     except BaseException:
         # The file did not exist before; a half-made image is worse than none.
-        _remove_quietly(path)
+        remove_quietly(path)
         raise
     if args.json:
         with vhd_image.open_image(str(path), read_only=True, lock=False, allow_unsafe_parent=True) as image:
             _print_json(image.info().as_dict())
     return EXIT_OK
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --- info ---------------------------------------------------------------------
@@ -195,7 +190,7 @@ def info_rows(info: ImageInfo) -> list[tuple[str, str]]:
     if info.geometry == MAX_GEOMETRY:
         chs_text += " (the maximum: readers take the size from the footer's current size)"
     else:
-        chs_text += f" = {c * h * s * 512:,} bytes"
+        chs_text += f" = {info.geometry.total_sectors * vhd_constants.SECTOR_SIZE:,} bytes"
     rows.append(("geometry", chs_text))
     rows.append(("creator", f"{_text(info.creator_app)} {_text(info.creator_version)} on {_text(info.creator_os)}"))
     rows.append(("unique id", _text(info.unique_id)))
@@ -298,12 +293,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    target = convert_mod.Target(args.to) if args.to else convert_mod.default_target(dst)
-    if args.block_size is not None and target is not convert_mod.Target.DYNAMIC:
+    target = vhd_copy.Target(args.to) if args.to else vhd_copy.default_target(dst)
+    if args.block_size is not None and target is not vhd_copy.Target.DYNAMIC:
         raise UsageError(f"{dst}: --block-size applies to --to dynamic only")
-    block_size = args.block_size if args.block_size is not None else convert_mod.DEFAULT_BLOCK_SIZE
+    block_size = args.block_size if args.block_size is not None else vhd_constants.DEFAULT_BLOCK_SIZE
     with ProgressBar("convert", enabled=None if args.progress else False) as bar:
-        convert_mod.convert(
+        vhd_copy.convert(
             src,
             dst,
             target=target,
@@ -327,7 +322,7 @@ def guard(path: str, action: Callable[[], int], *, open_failure: int = EXIT_FAIL
         return action()
     except UsageError as exc:
         return _fail(str(exc), EXIT_UNUSABLE, path)
-    except convert_mod.ConvertError as exc:
+    except vhd_copy.ConvertError as exc:
         return _fail(str(exc), exc.exit_code, path)
     except DiskFull as exc:
         return _fail(_with_hint(str(exc), "free some space on that file system and retry"), EXIT_FAILED, path)

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from ..errors import VhdblkError
+from . import device_cmds, image_cmds, maint_cmds, parent_cmds
 
-# Each module exposes register(subparsers); a command sets `func(args) -> int`.
+# Each module has register(subparsers); a command sets `func(args) -> int`.
 # Image commands work on files directly; device commands talk to the daemon
 # over its control socket only.
-COMMAND_MODULES = (
-    "vhdblkd.cli.image_cmds",
-    "vhdblkd.cli.device_cmds",
-    "vhdblkd.cli.maint_cmds",
-    "vhdblkd.cli.parent_cmds",
-)
+COMMAND_MODULES = (image_cmds, device_cmds, maint_cmds, parent_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhdblkctl", description="Manage VHD images and their /dev/nbdN attachments.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 

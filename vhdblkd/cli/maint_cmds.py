@@ -22,11 +22,10 @@ from contextlib import contextmanager
 from ..vhd import compact as vhd_compact
 from ..vhd import merge as vhd_merge
 from ..vhd import resize as vhd_resize
-from .image_cmds import guard  # the image commands' one policy for error lines and exit codes
+from .image_cmds import EXIT_OK, guard  # the image commands' one policy for error lines and exit codes
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, parse_size
 
-EXIT_OK = 0
 
 COMPACT_KEYS = ("path", "type", "blocks_before", "blocks_freed", "blocks_after", "file_size_before",
                 "file_size_after")

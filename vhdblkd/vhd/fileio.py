@@ -13,15 +13,15 @@ import errno
 import functools
 import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from vhdblkd.errors import DiskFull
+from vhdblkd.vhd import constants as c
 
 Buffer = bytes | bytearray | memoryview
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_ZERO_CHUNK = 1024 * 1024
 
 
 @functools.cache
@@ -97,11 +97,6 @@ class ImageFile:
                 raise DiskFull(f"{self.path}: no space left writing {len(data)} bytes at offset {offset}") from exc
             raise
 
-    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        for buf in buffers:
-            self.pwrite(offset, buf)
-            offset += len(buf)
-
     def truncate(self, length: int) -> None:
         os.ftruncate(self._fd, length)
 
@@ -124,7 +119,7 @@ class ImageFile:
             err = ctypes.get_errno()
             if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise OSError(err, f"{self.path}: fallocate(PUNCH_HOLE) at {offset}+{length}: {os.strerror(err)}")
-        zeros = bytes(min(length, _ZERO_CHUNK))
+        zeros = bytes(min(length, c.CHUNK_SIZE))
         end = offset + length
         while offset < end:
             n = min(len(zeros), end - offset)

@@ -53,16 +53,6 @@ def chs_from_sectors(total_sectors: int) -> Geometry:
     return Geometry(cyl_times_heads // heads, heads, spt)
 
 
-def chs_from_size(size: int) -> tuple[int, int, int]:
-    """(cylinders, heads, sectors_per_track) for a size in bytes, as QEMU computes it."""
-    return tuple(chs_from_sectors(size // c.SECTOR_SIZE))  # type: ignore[return-value]  # NamedTuple of 3 ints
-
-
-def size_from_chs(cylinders: int, heads: int, sectors_per_track: int) -> int:
-    """Bytes addressed by a geometry."""
-    return cylinders * heads * sectors_per_track * c.SECTOR_SIZE
-
-
 def virtual_size(footer: Footer) -> int:
     """The size a reader should believe: CHS for 'vpc '/'qemu' images, current size otherwise.
 

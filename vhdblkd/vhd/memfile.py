@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from vhdblkd.vhd.fileio import Buffer, ImageFile
 
@@ -83,11 +83,6 @@ class MemoryFile(ImageFile):
     def pwrite(self, offset: int, data: Buffer) -> None:
         assert self.writable, "write on a read-only file"
         self._disk.record(Op("write", offset, bytes(data)))
-
-    def pwritev(self, offset: int, buffers: Sequence[Buffer]) -> None:
-        for buf in buffers:
-            self.pwrite(offset, buf)
-            offset += len(buf)
 
     def truncate(self, length: int) -> None:
         assert self.writable, "truncate on a read-only file"

@@ -42,7 +42,7 @@ class Footer:
     """The 512-byte hard disk footer (also copied at offset 0 of dynamic disks)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427x")
-    SIZE: ClassVar[int] = 512
+    SIZE: ClassVar[int] = c.FOOTER_SIZE
     CHECKSUM_OFFSET: ClassVar[int] = 64
 
     features: int
@@ -140,7 +140,7 @@ class DynamicHeader:
     """The 1024-byte dynamic disk header (cookie cxsparse)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">8sQQIIII16sII512s192s256x")
-    SIZE: ClassVar[int] = 1024
+    SIZE: ClassVar[int] = c.HEADER_SIZE
     CHECKSUM_OFFSET: ClassVar[int] = 36
 
     table_offset: int

@@ -1,4 +1,4 @@
-"""Image conversion: VHD (any type, chains flattened) or raw in, raw or fixed/dynamic VHD out.
+"""The copy engine: VHD (any type, chains flattened) or raw in, raw or fixed/dynamic VHD out.
 
 The source is opened read-only and never changed.  The destination is built
 in a temporary file beside it and only linked into place once it is complete
@@ -23,18 +23,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from ..errors import VhdblkError
-from ..vhd import create as vhd_create
-from ..vhd import image as vhd_image
+from vhdblkd.errors import VhdblkError
+from vhdblkd.fsutil import fsync_directory, remove_quietly
+from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import create as vhd_create
+from vhdblkd.vhd import image as vhd_image
+from vhdblkd.vhd.blockmap import round_up_sector
+from vhdblkd.vhd.layout import looks_like_vhd
 
 ProgressCallback = Callable[[int, int], None]
 
-SECTOR_LENGTH = 512
-DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Raw and fixed destinations: small enough to keep sparse files sparse,
 # large enough that the per-piece overhead disappears.
 COPY_PIECE_LENGTH = 1024 * 1024
-VHD_COOKIE = b"conectix"
 
 
 class ConvertError(VhdblkError):
@@ -78,19 +79,6 @@ class Source(Protocol):
 
 
 # --- sources ------------------------------------------------------------------
-
-
-def looks_like_vhd(path: Path) -> bool:
-    """True when `path` carries a VHD footer at its end (512 or old 511-byte form) or its copy at 0."""
-    with open(path, "rb") as f:
-        head = f.read(len(VHD_COOKIE))
-        end = f.seek(0, os.SEEK_END)
-        for footer_length in (512, 511):
-            if end >= footer_length:
-                f.seek(end - footer_length)
-                if f.read(len(VHD_COOKIE)) == VHD_COOKIE:
-                    return True
-    return head == VHD_COOKIE
 
 
 class RawSource:
@@ -237,7 +225,7 @@ def convert(
     dst: Path,
     *,
     target: Target | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = c.DEFAULT_BLOCK_SIZE,
     progress: ProgressCallback | None = None,
     allow_unsafe_parent: bool = False,
     strict_parent_timestamp: bool = False,
@@ -255,7 +243,7 @@ def convert(
         size = source.size
         if target is not Target.RAW:
             # A VHD holds whole sectors; the pad reads as zeros.
-            size = -(-size // SECTOR_LENGTH) * SECTOR_LENGTH
+            size = round_up_sector(size)
         with _TempFile(dst) as temp:
             destination: Destination
             try:
@@ -345,26 +333,11 @@ class _TempFile:
                 raise ConvertError(f"{self.dst}: appeared while converting; the result was discarded, remove it and retry") from exc
             os.rename(self.path, self.dst)
         self._committed = True
-        _remove(self.path)
-        _fsync_dir(self.dst.parent)
+        remove_quietly(self.path)
+        fsync_directory(self.dst.parent)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if not self._committed:
-            _remove(self.path)
-
-
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            remove_quietly(self.path)
