@@ -26,7 +26,6 @@ from .image_cmds import EXIT_OK, guard  # the image commands' one policy for err
 from .progress import ProgressBar
 from .sizes import SizeError, format_size, parse_size
 
-
 COMPACT_KEYS = ("path", "type", "blocks_before", "blocks_freed", "blocks_after", "file_size_before",
                 "file_size_after")
 RESIZE_KEYS = ("path", "type", "old_size", "new_size", "blocks_moved", "data_discarded")

@@ -48,8 +48,7 @@ from vhdblkd.backend import Buffer
 from vhdblkd.vhd import bitmap as bits
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
-from vhdblkd.vhd.blockmap import (UNUSED, BlockMap, is_sector_aligned, sectors_spanning, sectors_to_bytes,
-                                  spans)
+from vhdblkd.vhd.blockmap import UNUSED, BlockMap, is_sector_aligned, sectors_spanning, sectors_to_bytes, spans
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, scan
 from vhdblkd.vhd.lock import ImageLock

@@ -18,7 +18,6 @@ from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
 
 
-
 class FixedImage(VhdImage):
     disk_type = "fixed"
 

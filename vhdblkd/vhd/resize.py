@@ -38,7 +38,6 @@ from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader, Footer
 
 
-
 class DataLoss(UnsupportedImage):
     """Shrinking would cut off data; confirm with --yes."""
 
