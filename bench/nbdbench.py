@@ -57,8 +57,9 @@ class Config:
     argv: tuple[str, ...]  # as given, for the report
 
 
-SECTIONS = ("fixed", "alloc", "read", "memory", "kernel")
-SERVERS = ("vhdblkd", "qemu-nbd", "nbdkit")
+SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "kernel")
+# vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs.
+SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit")
 
 
 def parse_args(argv: Sequence[str]) -> Config:
@@ -74,7 +75,7 @@ def parse_args(argv: Sequence[str]) -> Config:
                    help="size of each fresh dynamic image for the allocation workloads (default 8192)")
     p.add_argument("--mem-size-gib", type=int, help="dynamic image for the RSS check (default 100)")
     p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
-    p.add_argument("--sections", default=",".join(SECTIONS[:4]),
+    p.add_argument("--sections", default=",".join(SECTIONS[:5]),
                    help=f"comma list of {','.join(SECTIONS)} (kernel is opt-in; default: %(default)s)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
@@ -145,8 +146,10 @@ def wait_for_nbd(sock: Path, proc: subprocess.Popen[bytes], errlog: Path, timeou
 
 
 def server_argv(cfg: Config, kind: str, image: Path, sock: Path, read_only: bool = False) -> list[str]:
-    if kind == "vhdblkd":
-        return [cfg.vhdblkd, "export", *(["--read-only"] if read_only else []), "--unix", str(sock), str(image)]
+    if kind in ("vhdblkd", "vhdblkd-simple"):
+        simple = ["--no-structured-replies"] if kind == "vhdblkd-simple" else []
+        return [cfg.vhdblkd, "export", *simple, *(["--read-only"] if read_only else []), "--unix", str(sock),
+                str(image)]
     if kind == "qemu-nbd":
         # writeback: the host page cache absorbs writes, as it does for the
         # other servers; FLUSH still reaches the disk.  -t keeps serving
@@ -421,7 +424,7 @@ def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
 
 
 def section_read(cfg: Config, rows: dict[str, Row]) -> None:
-    servers = [s for s in ("vhdblkd", "qemu-nbd") if s in cfg.servers]
+    servers = [s for s in ("vhdblkd", "vhdblkd-simple", "qemu-nbd") if s in cfg.servers]
     dyn = cfg.workdir / "half.vhd"
     log("read: building a half-allocated dynamic image and a 3-file differencing chain")
     make_half_dynamic(cfg, dyn)
@@ -495,8 +498,14 @@ TARGETS = (
            ("alloc/randwrite-4k-qd16", "vhdblkd"), ("alloc/randwrite-4k-qd16", "qemu-nbd"), 5.0),
     *(Target(f"diff chain {j.label}: >= 0.8x vhdblkd's own dynamic", (f"diff/{j.key}", "vhdblkd"),
              (f"dyn/{j.key}", "vhdblkd"), 0.8) for j in READ_JOBS),
+    *(Target(f"fixed {j.label}: structured replies >= 0.95x simple", (f"fixed/{j.key}", "vhdblkd"),
+             (f"fixed/{j.key}", "vhdblkd-simple"), 0.95) for j in FIXED_JOBS),
+    *(Target(f"{name} {j.label}: structured replies >= 0.95x simple", (f"{name}/{j.key}", "vhdblkd"),
+             (f"{name}/{j.key}", "vhdblkd-simple"), 0.95) for name in ("dyn", "diff") for j in READ_JOBS),
+    Target("nbdcopy sparse 10 GiB: vhdblkd >= 1.0x qemu-nbd", ("sparse/nbdcopy", "vhdblkd"),
+           ("sparse/nbdcopy", "qemu-nbd"), 1.0),
 )
-COLUMNS = ("vhdblkd", "qemu-nbd", "nbdkit", "psync")
+COLUMNS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "psync")
 
 
 def fmt_iops(v: float | None) -> str:
@@ -615,10 +624,47 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
     return "\n".join(out) + "\n"
 
 
+SPARSE_SIZE = 10 * GiB
+SPARSE_DATA = 100 * MiB
+
+
+def section_sparse(cfg: Config, rows: dict[str, Row]) -> None:
+    """nbdcopy of a 10 GiB dynamic image holding 100 MiB: block status lets a copy skip the rest.
+
+    The cell is the virtual disk copied per second (MiB/s, higher is better);
+    qemu-nbd -f vpc reports allocation for dynamic VHDs too."""
+    from vhdblkd.vhd.create import create_dynamic  # the bench runs in the project venv
+    from vhdblkd.vhd.image import open_image
+
+    size, data = (SPARSE_SIZE, SPARSE_DATA) if not cfg.quick else (GiB, 8 * MiB)
+    img = cfg.workdir / "sparse.vhd"
+    log(f"sparse: a {size // GiB} GiB dynamic image holding {data // MiB} MiB")
+    create_dynamic(str(img), size)
+    blocks = data // VHD_BLOCK
+    stride = size // VHD_BLOCK // blocks
+    chunk = os.urandom(VHD_BLOCK)
+    with open_image(str(img)) as image:
+        for b in range(blocks):
+            image.write(b * stride * VHD_BLOCK, chunk)
+    key = "sparse/nbdcopy"
+    rows[key] = Row(key, "nbdcopy sparse dynamic (MiB/s virtual)",
+                    note=f"{size // GiB} GiB image, {data // MiB} MiB allocated, to null:")
+    servers = [s for s in ("vhdblkd", "vhdblkd-simple", "qemu-nbd") if s in cfg.servers]
+    for n in range(cfg.runs):
+        for kind in servers:
+            with serving(cfg, kind, img, read_only=True) as (sock, _):
+                started = time.monotonic()
+                run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"])
+                rate = size / MiB / (time.monotonic() - started)
+            rows[key].runs.setdefault(kind, []).append(rate)
+            log(f"sparse run {n + 1}/{cfg.runs} {kind:14} {rate:10.0f} MiB/s")
+    img.unlink()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit"):
+    for tool in ("fio", "qemu-img", "qemu-nbd", "nbdkit", "nbdcopy"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (bash .ci/setup installs it)", file=sys.stderr)
             return 2
@@ -632,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("alloc", lambda: section_alloc(cfg, rows)),
         ("read", lambda: section_read(cfg, rows)),
         ("memory", lambda: section_memory(cfg, results)),
+        ("sparse", lambda: section_sparse(cfg, rows)),
         ("kernel", lambda: section_kernel(cfg, results)),
     ]
     started = time.monotonic()

@@ -57,6 +57,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--description", metavar="TEXT", help="export description shown to clients (default: type and file name)")
     p.add_argument("--dir", metavar="DIR", help="also export every *.vhd in DIR, named by file name")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback TCP address without TLS required")
+    p.add_argument("--no-structured-replies", action="store_true",
+                   help="speak simple replies only (no sparse reads, no block status), for clients that need it")
     p.add_argument("--tls", choices=[m.value for m in TlsMode], help="off, on (optional) or require (default with a certificate)")
     p.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
@@ -162,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{image.disk_type} VHD image {os.path.basename(path)}"
             )
             exports.append(Export(image, label, description=description))
-        _serve(Catalog(tuple(exports), tls=tls), args, tcp, pairs)
+        structured = not getattr(args, "no_structured_replies", False)
+        _serve(Catalog(tuple(exports), tls=tls, structured=structured), args, tcp, pairs)
     finally:
         for image in reversed(images):
             image.close()
