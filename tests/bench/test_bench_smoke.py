@@ -36,10 +36,11 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     # every server measured every workload it takes part in, with real I/O
     for key in ("fixed/seqread-1m-qd8", "fixed/randread-4k-qd1", "fixed/randread-4k-qd16",
                 "fixed/randwrite-4k-qd16", "fixed/seqwrite-1m-qd8"):
-        assert set(rows[key]["median"]) == {"vhdblkd", "qemu-nbd", "nbdkit", "psync"}, key
-    for key in ("alloc/randwrite-4k-qd16", "alloc/seqwrite-1m-qd8", "dyn/randread-4k-qd1",
-                "diff/randread-4k-qd16"):
+        assert set(rows[key]["median"]) == {"vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "psync"}, key
+    for key in ("alloc/randwrite-4k-qd16", "alloc/seqwrite-1m-qd8"):
         assert set(rows[key]["median"]) == {"vhdblkd", "qemu-nbd"}, key
+    for key in ("dyn/randread-4k-qd1", "diff/randread-4k-qd16", "sparse/nbdcopy"):
+        assert set(rows[key]["median"]) == {"vhdblkd", "vhdblkd-simple", "qemu-nbd"}, key
     assert all(v > 0 for r in rows.values() for v in r["median"].values())
     # every target got a measured ratio
     assert all(t["ratio"] is not None for t in results["targets"]), results["targets"]
