@@ -25,7 +25,8 @@ What the script sees:
   directory in `shares` (e.g. pytest's tmp_path), each mounted at its own
   host path.  Put images there; /run (tmpfs) is for sockets and scratch.
 * `modules` are modprobe'd first (MODULE_OPTIONS gives nbd its device
-  count); `modprobe` itself works too (e.g. `modprobe ublk_drv`).
+  count); one that does not load raises GuestError.  `modprobe` itself
+  works in the script too (e.g. `modprobe ublk_drv`).
 * proc, sys, devtmpfs, devpts, /dev/shm and lo are up; no udev, no systemd.
 
 Costs (TCG, these machines): about 5 s from QEMU's start to the command,
@@ -122,7 +123,8 @@ def _stage2(workdir: Path, modules: Iterable[str], env: Mapping[str, str]) -> st
     """PID 1 after switch_root (the host's bash): run the script, record its status, power off."""
     w = shlex.quote(str(workdir))
     loads = "".join(
-        f"modprobe {m} {MODULE_OPTIONS.get(m, '')} || echo 'GUEST: modprobe {m} failed'\n" for m in modules
+        f"modprobe {m} {MODULE_OPTIONS.get(m, '')} 2>>{w}/modprobe.err || echo {m} >>{w}/modprobe.failed\n"
+        for m in modules
     )
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
     return f"""\
@@ -279,6 +281,11 @@ def run_in_guest(
             raise GuestError(
                 f"QEMU guest ({version}, {workdir}) {why}\n--- stdout ---\n{_tail(stdout)}\n"
                 f"--- stderr ---\n{_tail(stderr)}\n--- console ---\n{_tail(console)}"
+            )
+        failed = _read(workdir / "modprobe.failed").split()
+        if failed:  # the script ran without a driver it asked for: its own errors would only mislead
+            raise GuestError(
+                f"modprobe {' '.join(failed)} failed in the guest ({version}):\n{_read(workdir / 'modprobe.err')}"
             )
         boot = _read(workdir / "boot-seconds").strip()
         return DebianResult(

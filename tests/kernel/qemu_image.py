@@ -16,6 +16,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,8 @@ CACHE_DIR = Path(os.environ.get("VHDBLKD_GUEST_CACHE", "/var/cache/vhdblkd-tests
 INITRAMFS_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay")
 # The largest msize Linux's virtio transport takes (125 pages of a 128-entry ring).
 MSIZE = 512000
+# A cache entry replaced by a newer build is deleted after this long.
+STALE_SECONDS = 3600
 
 
 def kernel_version() -> str:
@@ -61,15 +64,16 @@ def _stat_id(path: Path) -> tuple[str, int, int]:
 
 
 def _store(name: str, prefix: str, data: bytes) -> Path:
-    """Write a cache entry atomically (parallel runs may build the same one) and drop older ones."""
+    """Write a cache entry atomically (parallel runs may build the same one) and drop stale ones."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     target = CACHE_DIR / name
     fd, tmp = tempfile.mkstemp(dir=CACHE_DIR, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, target)
+    # Older builds go once nothing can be about to boot them (another checkout's run may).
     for old in CACHE_DIR.glob(prefix + "*"):
-        if old != target:
+        if old != target and time.time() - old.stat().st_mtime > STALE_SECONDS:
             old.unlink(missing_ok=True)
     return target
 

@@ -111,6 +111,11 @@ def test_a_wedged_guest_is_killed_at_the_timeout(debian_guest: Callable[..., Gue
         assert workdir.encode() not in cmdline, f"QEMU {pid} of the timed-out guest is still running"
 
 
+def test_a_module_that_does_not_load_fails_the_run(debian_guest: Callable[..., GuestResult]) -> None:
+    with pytest.raises(GuestError, match="modprobe no_such_driver failed in the guest"):
+        debian_guest("true", modules=("no_such_driver",), timeout=300)
+
+
 def test_same_interface_runs_uml(tmp_path: Path) -> None:
     why = guest.unavailable("uml")
     if why is not None:
@@ -168,4 +173,8 @@ def test_initramfs_is_cached_and_rebuilt_when_an_input_changes(
     busybox.write_bytes(qemu_image.BUSYBOX.read_bytes())
     monkeypatch.setattr(qemu_image, "BUSYBOX", busybox)
     second = qemu_image.initramfs(version)
-    assert second != first and second.exists() and not first.exists()
+    assert second != first and second.exists() and first.exists()  # the old one may still be booting
+    os.utime(first, (0, 0))
+    os.utime(busybox, ns=(0, busybox.stat().st_mtime_ns + 1))
+    third = qemu_image.initramfs(version)
+    assert third not in (first, second) and not first.exists()  # stale: dropped
