@@ -143,8 +143,13 @@ class FakeKernel:
         b.close()
         self.devices[index] = FakeDevice(index, [a], size, 512, 30, 60, 0, backend_identifier)
 
-    def status(self) -> dict[int, bool]:
-        return {i: True for i in self.devices}
+    def status(self) -> list[tuple[int, bool]]:
+        return [(i, True) for i in sorted(self.devices)]
+
+    def backend_of(self, index: int) -> str | None:
+        """What /sys/block/nbdN/backend would say."""
+        dev = self.devices.get(index)
+        return None if dev is None else dev.backend_identifier
 
     def close(self) -> None:
         self.closed = True
@@ -205,6 +210,7 @@ class ServiceRig:
     opener: FakeOpener
     busy: dict[int, str]
     service: Any  # vhdblkd.daemon.service.Service
+    intent: list[Any]  # [Intent]: what the service is told when it stops
 
     @property
     def config(self) -> Path:
@@ -225,27 +231,44 @@ class ServiceRig:
         return str(p)
 
 
-def make_rig(root: Path, notify_env: dict[str, str] | None = None) -> ServiceRig:
+def make_rig(root: Path, notify_env: dict[str, str] | None = None, *, sync: Any = None) -> ServiceRig:
     from vhdblkd.daemon.attachments import AttachmentManager
+    from vhdblkd.daemon.intent import Intent
     from vhdblkd.daemon.notify import Notifier
     from vhdblkd.daemon.service import Service
 
     kernel = FakeKernel()
     opener = FakeOpener()
     busy: dict[int, str] = {}
+    intent = [Intent.STOP]
+    transport = make_transport(kernel)
 
-    def manager(k: Any, on_change: Any) -> AttachmentManager:
-        return AttachmentManager(k, opener=opener, busy=busy.get, sync=lambda i: None, on_change=on_change, drain_seconds=5)
+    def manager(t: Any, on_change: Any) -> AttachmentManager:
+        return AttachmentManager(
+            t, opener=opener, busy=busy_check(busy), sync=sync or (lambda name: None), on_change=on_change
+        )
 
     service = Service(
         config=root / "vhdtab",
         control=root / "run" / "control.sock",
         state_dir=root / "run",
-        kernel=kernel,
+        transport=transport,
         notifier=Notifier(notify_env or {}),
         make_manager=manager,
+        intent=lambda: (intent[0], "chosen by the test"),
     )
-    return ServiceRig(root, kernel, opener, busy, service)
+    return ServiceRig(root, kernel, opener, busy, service, intent)
+
+
+def make_transport(kernel: FakeKernel) -> Any:
+    from vhdblkd.daemon.nbd_device import NbdTransport
+
+    return NbdTransport(kernel, read_backend=kernel.backend_of, drain_seconds=5)
+
+
+def busy_check(busy: dict[int, str]) -> Any:
+    """The manager's busy check (by kernel name, nbd3) over a dict keyed by device index."""
+    return lambda name: busy.get(int(name.removeprefix("nbd")))
 
 
 def eventually(check: Any, attempts: int = 400) -> None:

@@ -10,7 +10,7 @@ from vhdblkd.daemon.attachments import AttachmentManager
 from vhdblkd.daemon.vhdtab import VhdtabEntry
 from vhdblkd.errors import DaemonError, ImageLocked, KernelError
 
-from .fakes import FakeKernel, FakeOpener, eventually
+from .fakes import FakeKernel, FakeOpener, busy_check, eventually, make_transport
 
 
 @pytest.fixture
@@ -20,24 +20,24 @@ def image(tmp_path: Path) -> str:
     return str(p)
 
 
-def make(busy: dict[int, str] | None = None) -> tuple[AttachmentManager, FakeKernel, FakeOpener, list[int]]:
+def make(busy: dict[int, str] | None = None) -> tuple[AttachmentManager, FakeKernel, FakeOpener, list[str]]:
     kernel = FakeKernel()
     opener = FakeOpener()
     synced: list[int] = []
     reasons = busy if busy is not None else {}
-    mgr = AttachmentManager(kernel, opener=opener, busy=reasons.get, sync=synced.append, drain_seconds=5)
+    mgr = AttachmentManager(make_transport(kernel), opener=opener, busy=busy_check(reasons), sync=synced.append)
     return mgr, kernel, opener, synced
 
 
 def test_attach_hands_kernel_the_sockets_and_serves_them(image: str) -> None:
     mgr, kernel, opener, _ = make()
     att = mgr.attach(VhdtabEntry("data", image, timeout_seconds=7, block_size=4096), from_vhdtab=False)
-    assert att.device == "/dev/nbd0"
+    assert att.path == "/dev/nbd0"
     dev = kernel.devices[0]
     assert dev.size == 1 << 20
     assert dev.block_size == 4096 and dev.timeout == 7 and dev.dead_conn_timeout == 60
     assert dev.backend_identifier == "vhdblkd:data"
-    assert dev.server_flags == att.export.flags
+    assert dev.server_flags == att.device.export.flags
     dev.write(4096, b"x" * 512)
     assert dev.read(4096, 512) == b"x" * 512
     assert bytes(opener.images[0].read(4096, 512)) == b"x" * 512
@@ -53,7 +53,7 @@ def test_detach_flushes_before_disconnect_then_closes(image: str) -> None:
     kernel.devices[0].write(0, b"y" * 4096)
     mgr.detach("/dev/nbd0")
     img = opener.images[0]
-    assert synced == [0]
+    assert synced == ["nbd0"]
     # flush before DISCONNECT (the kernel sends none), the server flushes again on DISC, then close.
     assert opener.events[0] == f"flush {image}"
     assert opener.events[-1] == f"close {image}"
@@ -119,7 +119,7 @@ def test_kernel_refusal_closes_the_image_and_stops_threads(image: str) -> None:
 def test_named_device_and_several_connections(image: str) -> None:
     mgr, kernel, opener, _ = make()
     att = mgr.attach(VhdtabEntry("data", image, device_index=3, connections=3), from_vhdtab=False)
-    assert att.index == 3 and att.connections == 3
+    assert att.path == "/dev/nbd3" and att.device.connections == 3
     dev = kernel.devices[3]
     assert len(dev.socks) == 3
     dev.write(0, b"a" * 512, conn=2)
@@ -155,13 +155,63 @@ def test_a_connection_the_kernel_drops_is_replaced(image: str) -> None:
     dev = kernel.devices[0]
     dev.write(0, b"1" * 512, conn=1)
     kernel.kill_connection(0, 1)
-    eventually(lambda: _assert_reconnected(kernel, att.reconnects))
+    eventually(lambda: _assert_reconnected(kernel, att.device.reconnects))
     dev.write(512, b"2" * 512, conn=1)  # the new socket in slot 1 is served
     assert dev.read(0, 1024, conn=0) == b"1" * 512 + b"2" * 512
     assert att.describe()["reconnects"] == 1
     mgr.detach("data")  # a detach's connection ends are expected: no reconnect
-    assert kernel.log[-1] == ("disconnect", 0) and att.reconnects == 1
+    assert kernel.log[-1] == ("disconnect", 0) and att.device.reconnects == 1
 
 
 def _assert_reconnected(kernel: FakeKernel, reconnects: int) -> None:
     assert ("reconfigure", 0) in kernel.log and reconnects == 1
+
+
+def test_detach_runs_outside_the_lock_and_a_second_one_is_refused(image: str, tmp_path: Path) -> None:
+    import threading
+
+    kernel = FakeKernel()
+    opener = FakeOpener()
+    syncing, release = threading.Event(), threading.Event()
+
+    def slow_sync(name: str) -> None:  # a file system taking its time to write back
+        syncing.set()
+        assert release.wait(30)
+
+    mgr = AttachmentManager(make_transport(kernel), opener=opener, busy=busy_check({}), sync=slow_sync)
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    other = tmp_path / "other.vhd"
+    other.write_bytes(b"conectix")
+    first = threading.Thread(target=mgr.detach, args=("data",))
+    first.start()
+    try:
+        assert syncing.wait(30)
+        # The table answers while the detach syncs: list, find, another attach.
+        assert [a.name for a in mgr.attachments()] == ["data"]
+        assert mgr.find("/dev/nbd0").name == "data"
+        assert mgr.attach(VhdtabEntry("other", str(other)), from_vhdtab=False).path == "/dev/nbd1"
+        with pytest.raises(DaemonError, match=r"/dev/nbd0 \(data\) is already being detached"):
+            mgr.detach("/dev/nbd0")
+        with pytest.raises(DaemonError, match="'data' is already attached as /dev/nbd0"):
+            mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    finally:
+        release.set()
+        first.join(30)
+    assert not first.is_alive()
+    assert [a.name for a in mgr.attachments()] == ["other"]
+    assert kernel.log == [("connect", 0), ("connect", 1), ("disconnect", 0)]
+    mgr.shutdown()
+
+
+def test_the_same_image_through_a_symlink_is_refused(image: str, tmp_path: Path) -> None:
+    mgr, kernel, opener, _ = make()
+    link = tmp_path / "link.vhd"
+    link.symlink_to(image)
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    with pytest.raises(DaemonError, match=f"{link} is already attached as /dev/nbd0 \\(data\\)"):
+        mgr.attach(VhdtabEntry("again", str(link)), from_vhdtab=False)
+    assert mgr.find(str(link)).name == "data"
+    with pytest.raises(DaemonError, match="/dev/nbd0 is already in use by data"):
+        mgr.attach(VhdtabEntry("third", image + ".x", device_index=0), from_vhdtab=False)
+    assert list(kernel.devices) == [0] and len(opener.images) == 1
+    mgr.shutdown()

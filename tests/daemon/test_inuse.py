@@ -43,10 +43,10 @@ def sysfs(tmp_path: Path) -> Path:
 )
 def test_device_in_use(sysfs: Path, index: int, reason: str | None) -> None:
     tmp = sysfs.parent
-    assert device_in_use(index, sys_root=sysfs, mountinfo=tmp / "mountinfo", dev_root=tmp / "dev") == reason
+    assert device_in_use(f"nbd{index}", sys_root=sysfs, mountinfo=tmp / "mountinfo", dev_root=tmp / "dev") == reason
 
 
 def test_mounted_on(sysfs: Path) -> None:
     info = sysfs.parent / "mountinfo"
-    assert mounted_on(0, sys_root=sysfs, mountinfo=info) == ["/srv/my data"]
-    assert mounted_on(3, sys_root=sysfs, mountinfo=info) == []
+    assert mounted_on("nbd0", sys_root=sysfs, mountinfo=info) == ["/srv/my data"]
+    assert mounted_on("nbd3", sys_root=sysfs, mountinfo=info) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vhdblkd.cli.client import request
+from vhdblkd.daemon.intent import Intent
 from vhdblkd.daemon.reload import plan_reload
 from vhdblkd.daemon.vhdtab import VhdtabEntry
 from vhdblkd.errors import DaemonError
@@ -129,19 +130,20 @@ def test_reload_diffs_the_vhdtab(rig: ServiceRig, notify: NotifySocket) -> None:
     names = {a.name: a for a in rig.service.manager.attachments()}
     assert sorted(names) == ["b", "c", "d", "e", "f"]
     assert names["c"].entry.read_only and not names["d"].entry.read_only
-    assert names["b"].index == 1
+    assert names["b"].path == "/dev/nbd1"
     assert "detach it to apply the change" in rig.service.attach_errors["d"]
     msgs = notify.messages()
     assert msgs[0].startswith("RELOADING=1") and msgs[-1].startswith("READY=1")
     assert [x for x in rig.kernel.log if x[0] == "disconnect"] == [("disconnect", 0), ("disconnect", 2)]
 
 
-def test_stop_flushes_detaches_and_says_stopping(rig: ServiceRig, notify: NotifySocket) -> None:
+def test_shutdown_flushes_detaches_and_says_stopping(rig: ServiceRig, notify: NotifySocket) -> None:
     a = rig.image("a.vhd")
     rig.config.write_text(f"a {a}\n")
     rig.service.start()
     rig.kernel.devices[0].write(512, b"w" * 512)
     rig.busy[0] = "mounted on /mnt"  # shutdown detaches busy devices too
+    rig.intent[0] = Intent.SHUTDOWN
     notify.messages()
     runner = threading.Thread(target=rig.service.run_forever)
     runner.start()
@@ -224,9 +226,9 @@ def test_start_readopts_devices_a_dead_daemon_left(rig: ServiceRig) -> None:
     rig.kernel.orphan(5, 1 << 20, "vhdblkd:kept")
     rig.config.write_text(f"kept {kept}\ngone {gone}\n")
     rig.service.start()
-    atts = {a.name: a.index for a in rig.service.manager.attachments()}
+    atts = {a.name: a.path for a in rig.service.manager.attachments()}
     # kept: same device, fresh sockets; gone: its device timed out, so attached anew; nothing twice.
-    assert atts == {"kept": 5, "gone": 0}
+    assert atts == {"kept": "/dev/nbd5", "gone": "/dev/nbd0"}
     assert rig.kernel.log == [("reconfigure", 5), ("connect", 0)]
     dev = rig.kernel.devices[5]
     dev.write(0, b"k" * 512)
@@ -298,4 +300,30 @@ def test_a_device_that_cannot_be_readopted_is_released(rig: ServiceRig) -> None:
     rig.kernel.orphan(2, 1 << 20, "vhdblkd:lost")
     rig.service.start()
     assert rig.kernel.log == [("disconnect", 2)] and rig.kernel.devices == {}
-    assert "cannot re-adopt /dev/nbd2" in rig.service.attach_errors["lost"]
+    assert "/dev/nbd2 was left by an earlier vhdblkd and cannot be taken back" in rig.service.attach_errors["lost"]
+
+
+def test_list_and_status_answer_while_a_detach_syncs(tmp_path: Path) -> None:
+    syncing, release = threading.Event(), threading.Event()
+
+    def slow_sync(name: str) -> None:
+        syncing.set()
+        assert release.wait(30)
+
+    r = make_rig(tmp_path, sync=slow_sync)
+    r.config.write_text(f"a {r.image('a.vhd')}\n")
+    r.service.start()
+    replies: list[dict[str, object]] = []
+    detacher = threading.Thread(target=lambda: replies.append(ask(r, op="detach", target="a")))
+    detacher.start()
+    try:
+        assert syncing.wait(30)
+        assert [a["name"] for a in ask(r, op="list")["attachments"]] == ["a"]  # type: ignore[union-attr]
+        assert ask(r, op="status")["status"] == "1 attached: a=/dev/nbd0"
+        with pytest.raises(DaemonError, match="already being detached"):
+            ask(r, op="detach", target="/dev/nbd0")
+    finally:
+        release.set()
+        detacher.join(30)
+        r.service.stop()
+    assert replies == [{"ok": True, "device": "/dev/nbd0", "name": "a"}]

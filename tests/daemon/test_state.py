@@ -14,12 +14,14 @@ from vhdblkd.errors import ConfigError
 
 def test_round_trip(tmp_path: Path) -> None:
     entry = VhdtabEntry("d", "/a b.vhd", read_only=True, device_index=3, connections=2, block_size=4096)
-    record = StateRecord("d", entry.image, 3, "vhdblkd:d", entry.options, True)
+    nbd = {"index": 3, "backend_identifier": "vhdblkd:d", "connections": 2}
+    record = StateRecord("d", entry.image, "/dev/nbd3", "nbd", nbd, entry.options, True)
     path = tmp_path / "run" / "state.json"
     write_state(path, 42, [record])
     assert path.stat().st_mode & 0o777 == 0o600
     doc = json.loads(path.read_text())
     assert doc["pid"] == 42 and doc["attachments"][0]["device"] == "/dev/nbd3"
+    assert doc["attachments"][0]["index"] == 3 and doc["attachments"][0]["transport"] == "nbd"
     assert read_state(path) == [record]
     assert entry_from_record(record) == entry
     assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]
@@ -41,4 +43,4 @@ def test_missing_state_is_empty(tmp_path: Path) -> None:
 
 def test_incomplete_record_options() -> None:
     with pytest.raises(ConfigError, match="state record for 'x' is incomplete"):
-        entry_from_record(StateRecord("x", "/x.vhd", 0, "vhdblkd:x", {}, False))
+        entry_from_record(StateRecord("x", "/x.vhd", "/dev/nbd0", "nbd", {"index": 0}, {}, False))

@@ -147,3 +147,22 @@ def test_append_entry_keeps_the_file_and_refuses_duplicates(tmp_path: Path) -> N
 def test_name_for_image(image: str, taken: set[str], name: str) -> None:
     assert name_for_image(image, taken) == name
     VhdtabEntry(name, image)  # always valid
+
+
+def test_one_image_twice_through_a_symlink_is_a_bad_line(tmp_path: Path) -> None:
+    from vhdblkd.daemon.vhdtab import append_entry, parse_vhdtab
+
+    real = tmp_path / "real.vhd"
+    real.write_bytes(b"")
+    link = tmp_path / "link.vhd"
+    link.symlink_to(real)
+    table = parse_vhdtab(f"a {real}\nb {link}\nc {tmp_path}/sub/../real.vhd\n", "t")
+    assert [e.name for e in table.entries] == ["a"]
+    assert [str(e) for e in table.errors] == [
+        f"t:2: image '{link}' already attached by line 1",
+        f"t:3: image '{tmp_path}/sub/../real.vhd' already attached by line 1",
+    ]
+    path = tmp_path / "vhdtab"
+    path.write_text(f"a {real}\n")
+    with pytest.raises(ConfigError, match=f"already has an entry for {link} \\('a'\\)"):
+        append_entry(path, VhdtabEntry("b", str(link)))

@@ -13,10 +13,6 @@ import os
 from pathlib import Path
 
 
-def device_path(index: int) -> str:
-    return f"/dev/nbd{index}"
-
-
 def _dev_numbers(sys_block: Path) -> set[str]:
     """major:minor of the disk and of each of its partitions."""
     numbers: set[str] = set()
@@ -62,21 +58,20 @@ def _children(sys_block: Path) -> list[Path]:
 
 
 def mounted_on(
-    index: int, *, sys_root: Path = Path("/sys/block"), mountinfo: Path = Path("/proc/self/mountinfo")
+    name: str, *, sys_root: Path = Path("/sys/block"), mountinfo: Path = Path("/proc/self/mountinfo")
 ) -> list[str]:
-    """Where the disk or one of its partitions is mounted."""
-    return _mountpoints(_dev_numbers(sys_root / f"nbd{index}"), mountinfo)
+    """Where the disk `name` (nbd0) or one of its partitions is mounted."""
+    return _mountpoints(_dev_numbers(sys_root / name), mountinfo)
 
 
 def device_in_use(
-    index: int,
+    name: str,
     *,
     sys_root: Path = Path("/sys/block"),
     mountinfo: Path = Path("/proc/self/mountinfo"),
     dev_root: Path = Path("/dev"),
 ) -> str | None:
-    """A reason the device is busy ("mounted on /mnt"), or None when it is free."""
-    name = f"nbd{index}"
+    """A reason the disk `name` (nbd0) is busy ("mounted on /mnt"), or None when it is free."""
     sys_block = sys_root / name
     points = _mountpoints(_dev_numbers(sys_block), mountinfo)
     if points:

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ..errors import VhdblkError
-
-COMMAND_MODULES = (
-    "vhdblkd.daemon.service",
-    "vhdblkd.daemon.export",
-)
+from . import export, service
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhdblkd", description="Serve VHD images as /dev/nbdN block devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+    service.register(sub)
+    export.register(sub)
     return parser
 
 

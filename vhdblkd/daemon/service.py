@@ -1,9 +1,13 @@
 """`vhdblkd run`: the service that owns every attachment.
 
-Start: attach each vhdtab line (a bad line or a failed attach is logged,
-shown in STATUS and skipped), open the control socket, READY=1.  SIGHUP
-re-reads the vhdtab.  SIGTERM/SIGINT: STOPPING=1, refuse new requests,
-flush and detach everything, exit 0.
+Start: open the control socket, take back the devices a previous daemon
+left (handed over at a restart, or after a crash), attach each vhdtab line
+(a bad line or a failed attach is logged, shown in STATUS and skipped),
+READY=1.  SIGHUP re-reads the vhdtab.  SIGTERM/SIGINT: STOPPING=1, refuse
+new requests, then by why we stop (see intent.py): a restart flushes and
+hands every device to the next daemon; a stop detaches the free devices and
+keeps the ones in use waiting for the next daemon; a shutdown flushes and
+detaches everything.
 """
 
 from __future__ import annotations
@@ -24,11 +28,21 @@ from typing import Any
 from ..errors import ConfigError, DaemonError, VhdblkError
 from .attachments import AttachmentManager
 from .control import DEFAULT_CONTROL, ControlServer
-from .kernel import Kernel
-from .notify import Notifier
+from .intent import Intent, probe
+from .notify import Notifier, inherited_fds
 from .reload import plan_reload
-from .state import STATE_FILE, entry_from_record, read_state, write_state
-from .vhdtab import VhdtabEntry, append_entry, check_name, config_path, load_vhdtab, name_for_image, parse_device
+from .state import STATE_FILE, StateRecord, entry_from_record, read_state, write_state
+from .transport import Transport
+from .vhdtab import (
+    VhdtabEntry,
+    append_entry,
+    check_appendable,
+    check_name,
+    config_path,
+    load_vhdtab,
+    name_for_image,
+    parse_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +56,33 @@ class Service:
         config: Path,
         control: Path,
         state_dir: Path,
-        kernel: Kernel,
+        transport: Transport,
         notifier: Notifier,
-        make_manager: Callable[[Kernel, Callable[[], None]], AttachmentManager] | None = None,
+        make_manager: Callable[[Transport, Callable[[], None]], AttachmentManager] | None = None,
         control_factory: Callable[[Path, Callable[[dict[str, Any]], dict[str, Any]]], ControlServer] | None = None,
         clock: Callable[[], float] = time.time,
+        intent: Callable[[], tuple[Intent, str]] = partial(probe, os.environ),
+        inherited: dict[str, int] | None = None,
     ) -> None:
         self.config = config
         self.state_path = state_dir / STATE_FILE
         self.notifier = notifier
-        self.kernel = kernel
+        self.transport = transport
         self._clock = clock
+        self._intent = intent
+        self._inherited = dict(inherited or {})
         self.started = clock()
         self.config_errors: list[str] = []
         self.attach_errors: dict[str, str] = {}
         self._table_names: set[str] = set()
-        factory = make_manager or (lambda k, cb: AttachmentManager(k, on_change=cb))
-        self.manager = factory(kernel, self._save_state)
+        # Names whose image still has a device in use that could not be taken
+        # back: attaching them again would put one image on two devices.
+        self._blocked: dict[str, str] = {}
+        factory = make_manager or (lambda t, cb: AttachmentManager(t, on_change=cb))
+        self.manager = factory(transport, self._save_state)
         self.control = (control_factory or ControlServer)(control, self.handle)
         self._state_lock = threading.Lock()
+        self._config_lock = threading.Lock()  # one reload or persisted attach at a time
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._want_reload = False
@@ -70,7 +92,7 @@ class Service:
 
     def start(self) -> None:
         self.control.start()  # refuses to start when another daemon is live
-        self._readopt()
+        self._take_back()
         self._apply_config(initial=True)
         self.notifier.ready(self.status_line())
         log.info("ready: %s", self.status_line())
@@ -102,14 +124,34 @@ class Service:
             return
         self._stopping.set()
         self.notifier.stopping()
-        log.info("stopping: flushing and detaching %d attachment(s)", len(self.manager.attachments()))
+        intent, why = self._intent()
+        count = len(self.manager.attachments())
+        log.info("stopping (%s: %s) with %d attachment(s)", intent.value, why, count)
         self.control.stop()
-        self.manager.shutdown()
+        if intent is Intent.RESTART:
+            kept = self._hand_over()
+        elif intent is Intent.STOP:
+            kept = self.manager.stop()
+        else:
+            self.manager.shutdown()
+            kept = []
+        self._write_state(kept)
         try:
-            self.kernel.close()
+            self.transport.close()
         except VhdblkError as exc:
             log.warning("%s", exc)
         log.info("stopped")
+
+    def _hand_over(self) -> list[StateRecord]:
+        kept, fds, devices = self.manager.handover()
+        if fds and not (self.notifier.store_fds(fds) and self.notifier.barrier()):
+            log.warning(
+                "the service manager did not take the devices' sockets (no FileDescriptorStoreMax=?): "
+                "the next vhdblkd gives the devices new ones within their dead_conn_timeout"
+            )
+        for device in devices:
+            device.close()
+        return kept
 
     def reload(self) -> None:
         self.notifier.reloading()
@@ -129,7 +171,7 @@ class Service:
         removed = self._table_names - wanted
         self.attach_errors = {k: v for k, v in self.attach_errors.items() if k not in removed}
         self._table_names = wanted | table.bad_names
-        with self.manager.locked():
+        with self._config_lock:
             live: dict[str, VhdtabEntry] = {}
             for att in self.manager.attachments():
                 if att.from_vhdtab:
@@ -148,7 +190,7 @@ class Service:
                 assert current is not None
                 reason = self.manager.busy_reason(current)
                 if reason is not None:
-                    msg = f"vhdtab entry {entry.name!r} changed but {current.device} is in use ({reason}): detach it to apply the change"
+                    msg = f"vhdtab entry {entry.name!r} changed but {current.path} is in use ({reason}): detach it to apply the change"
                     log.warning("%s", msg)
                     self.attach_errors[entry.name] = msg
                     continue
@@ -156,6 +198,9 @@ class Service:
                 if self.manager.get(entry.name) is None:
                     self._try(entry.name, partial(self.manager.attach, entry, from_vhdtab=True))
             for entry in plan.attach:
+                if entry.name in self._blocked:
+                    self.attach_errors[entry.name] = self._blocked[entry.name]
+                    continue
                 self._try(entry.name, partial(self.manager.attach, entry, from_vhdtab=True))
         if not initial:
             log.info(
@@ -166,31 +211,71 @@ class Service:
                 len(plan.unchanged),
             )
 
-    def _readopt(self) -> None:
-        """Take back the devices a daemon that died left in the kernel (state file + NBD_CMD_STATUS)."""
-        records = read_state(self.state_path)
-        if not records:
-            return
+    def _take_back(self) -> None:
+        """Take over the devices a previous daemon left in the kernel, before anything is attached.
+
+        Each one named in the state file and still connected is adopted: with
+        the sockets it handed over (a restart) or with fresh ones (a crash, a
+        stop).  One that cannot be adopted is removed if nothing uses it, and
+        otherwise left alone with its image blocked, so the image never gets
+        a second device.  A device carrying our backend identifier that no
+        record names is treated the same way.
+        """
+        inherited = self._inherited
+        self._inherited = {}
+        self.notifier.remove_fds(inherited)  # ours now; a crash from here on must not hand them on
         try:
-            known = self.kernel.status()
+            live = {d.path: d for d in self.transport.live_devices()}
         except VhdblkError as exc:
-            log.warning("cannot ask the kernel which nbd devices exist (%s); not re-adopting", exc)
-            return
+            log.warning("%s; not taking back devices", exc)
+            live = {}
+        records = read_state(self.state_path)
         for record in records:
-            if not known.get(record.index, False):
-                log.info("%s: /dev/nbd%d is no longer connected; not re-adopting", record.name, record.index)
+            dev = live.pop(record.path, None)
+            if dev is None or not dev.connected:
+                log.info("%s: %s is no longer connected; not taking it back", record.name, record.path)
+                continue
+            expected = self.transport.backend_identifier(record.name)
+            if record.transport != self.transport.name or dev.backend_identifier not in (None, expected):
+                log.error("%s: %s now belongs to %s; leaving it alone", record.name, record.path, dev.backend_identifier)
                 continue
             try:
                 entry = entry_from_record(record)
-                self.manager.adopt(entry, record.index, from_vhdtab=record.from_vhdtab)
+                self.manager.adopt(entry, record, inherited, from_vhdtab=record.from_vhdtab)
             except VhdblkError as exc:
-                log.error("%s: cannot re-adopt /dev/nbd%d: %s; disconnecting it", record.name, record.index, exc)
-                self.attach_errors[record.name] = f"cannot re-adopt /dev/nbd{record.index}: {exc}"
-                # Nobody can serve it now: fail its I/O at once and free the index.
-                try:
-                    self.kernel.disconnect(record.index)
-                except VhdblkError as again:
-                    log.warning("/dev/nbd%d: %s", record.index, again)
+                self._cannot_take_back(record.name, record.path, record.device, f"cannot be taken back: {exc}")
+        for fd in inherited.values():  # descriptors of devices no record names any more
+            os.close(fd)
+        taken = self.manager.names()
+        for dev in live.values():
+            for name in self._table_names_from_identifier(dev.backend_identifier):
+                if name not in taken:
+                    self._cannot_take_back(name, dev.path, {"index": dev.index}, "no state record names it")
+
+    def _table_names_from_identifier(self, identifier: str | None) -> list[str]:
+        prefix = self.transport.backend_identifier("")
+        if identifier is None or not identifier.startswith(prefix) or identifier == prefix:
+            return []
+        return [identifier[len(prefix) :]]
+
+    def _cannot_take_back(self, name: str, path: str, device: dict[str, Any], why: str) -> None:
+        reason = self.manager.busy_path(path)
+        if reason is None:
+            msg = f"{path} was left by an earlier vhdblkd and {why}; nothing used it, so it was removed"
+            log.warning("%s: %s", name, msg)
+            self.attach_errors[name] = msg
+            try:
+                self.transport.drop(device)
+            except VhdblkError as exc:
+                log.warning("%s: %s", path, exc)
+            return
+        msg = (
+            f"{path} still serves {name!r} from an earlier vhdblkd and is in use ({reason}), but {why}: "
+            f"not attaching the image again; unmount it and restart vhdblkd"
+        )
+        log.error("%s", msg)
+        self._blocked[name] = msg
+        self.attach_errors[name] = msg
 
     def _try(self, name: str, action: Callable[[], object]) -> None:
         try:
@@ -202,14 +287,17 @@ class Service:
             self.attach_errors.pop(name, None)
 
     def _save_state(self) -> None:
-        records = [a.record() for a in self.manager.attachments()]
+        if self._stopping.is_set():
+            return  # stop() writes the final state itself
+        self._write_state([a.record() for a in self.manager.attachments()])
+        self.notifier.status(self.status_line())
+
+    def _write_state(self, records: list[StateRecord]) -> None:
         with self._state_lock:
             try:
                 write_state(self.state_path, os.getpid(), records)
             except OSError as exc:
                 log.error("cannot write %s: %s", self.state_path, exc)
-        if not self._stopping.is_set():
-            self.notifier.status(self.status_line())
 
     # --- status -------------------------------------------------------------
 
@@ -217,7 +305,7 @@ class Service:
         atts = self.manager.attachments()
         text = f"{len(atts)} attached"
         if atts:
-            text += ": " + " ".join(f"{a.name}={a.device}" for a in atts)
+            text += ": " + " ".join(f"{a.name}={a.path}" for a in atts)
         problems = len(self.config_errors) + len(self.attach_errors)
         if problems:
             first = (self.config_errors + list(self.attach_errors.values()))[0]
@@ -234,7 +322,7 @@ class Service:
             return self._op_attach(request)
         if op == "detach":
             att = self.manager.detach(_str(request, "target"), force=bool(request.get("force", False)))
-            return {"ok": True, "device": att.device, "name": att.name}
+            return {"ok": True, "device": att.path, "name": att.name}
         if op == "list":
             return {"ok": True, "attachments": [a.describe() for a in self.manager.attachments()]}
         if op == "status":
@@ -251,7 +339,7 @@ class Service:
             "config": str(self.config),
             "config_errors": list(self.config_errors),
             "attach_errors": dict(self.attach_errors),
-            "attachments": [{"name": a.name, "device": a.device, "image": a.entry.image} for a in atts],
+            "attachments": [{"name": a.name, "device": a.path, "image": a.entry.image} for a in atts],
             "status": self.status_line(),
         }
 
@@ -260,7 +348,7 @@ class Service:
         if not os.path.isabs(image):
             raise DaemonError(f"image path {image!r} must be absolute")
         persist = bool(request.get("persist", False))
-        with self.manager.locked():
+        with self._config_lock:
             name = request.get("name")
             if name is None:
                 name = name_for_image(image, self.manager.names() | self._vhdtab_names())
@@ -281,7 +369,9 @@ class Service:
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"bad attach request: {exc}") from None
             if persist:
-                self._check_persistable(entry)
+                check_appendable(self.config, load_vhdtab(self.config), entry)
+            if entry.name in self._blocked:
+                raise DaemonError(self._blocked[entry.name])
             att = self.manager.attach(entry, from_vhdtab=persist)
             if persist:
                 try:
@@ -293,13 +383,6 @@ class Service:
 
     def _vhdtab_names(self) -> set[str]:
         return {e.name for e in load_vhdtab(self.config).entries}
-
-    def _check_persistable(self, entry: VhdtabEntry) -> None:
-        for existing in load_vhdtab(self.config).entries:
-            if existing.name == entry.name:
-                raise DaemonError(f"{self.config} already has an entry named {entry.name!r}")
-            if os.path.realpath(existing.image) == os.path.realpath(entry.image):
-                raise DaemonError(f"{self.config} already has an entry for {entry.image} ({existing.name!r})")
 
 
 def _str(request: Mapping[str, Any], key: str) -> str:
@@ -322,11 +405,13 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(bool(getattr(args, "verbose", False)), os.environ)
-    from .kernel import NetlinkKernel
+    from ..nbd.netlink import NbdNetlink
+    from .nbd_device import NbdTransport
 
+    inherited = inherited_fds(os.environ, os.getpid())
     notifier = Notifier(os.environ)
     try:
-        kernel = NetlinkKernel()
+        transport = NbdTransport(NbdNetlink())
     except VhdblkError:
         raise
     except OSError as exc:
@@ -335,8 +420,9 @@ def run(args: argparse.Namespace) -> int:
         config=config_path(args.config, os.environ),
         control=Path(args.control),
         state_dir=Path(args.state_dir),
-        kernel=kernel,
+        transport=transport,
         notifier=notifier,
+        inherited=inherited,
     )
     install_signals(service)
     try:

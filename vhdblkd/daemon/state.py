@@ -21,33 +21,44 @@ STATE_VERSION = 1
 STATE_FILE = "state.json"
 
 
+_COMMON = ("name", "image", "device", "transport", "options", "from_vhdtab")
+
+
 @dataclass(frozen=True, slots=True)
 class StateRecord:
+    """One attachment: what it is (name, image, options) and the transport's own fields (`device`)."""
+
     name: str
     image: str
-    index: int
-    backend_identifier: str
+    path: str  # /dev/nbd0
+    transport: str
+    device: dict[str, Any]  # e.g. nbd: index, backend_identifier, connections
     options: dict[str, Any]
     from_vhdtab: bool
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **self.device,
             "name": self.name,
             "image": self.image,
-            "index": self.index,
-            "device": f"/dev/nbd{self.index}",
-            "backend_identifier": self.backend_identifier,
+            "device": self.path,
+            "transport": self.transport,
             "options": self.options,
             "from_vhdtab": self.from_vhdtab,
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> StateRecord:
+        transport = str(obj.get("transport", "nbd"))  # the first daemons wrote nbd records only
+        path = obj.get("device")
+        if path is None and transport == "nbd":
+            path = f"/dev/nbd{int(obj['index'])}"
         return cls(
             name=str(obj["name"]),
             image=str(obj["image"]),
-            index=int(obj["index"]),
-            backend_identifier=str(obj["backend_identifier"]),
+            path=str(path),
+            transport=transport,
+            device={k: v for k, v in obj.items() if k not in _COMMON},
             options=dict(obj.get("options", {})),
             from_vhdtab=bool(obj.get("from_vhdtab", False)),
         )

@@ -190,32 +190,52 @@ def parse_line(line: str) -> VhdtabEntry | None:
     return VhdtabEntry(fields[0], unescape_field(fields[1]), **kwargs)  # type: ignore[arg-type]  # values typed by parse_options' table
 
 
+def same_image(a: str, b: str) -> bool:
+    """Whether two image paths name the same file (after symlinks and `..`)."""
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def clash(entry: VhdtabEntry, others: Iterable[VhdtabEntry]) -> tuple[str, VhdtabEntry] | None:
+    """The first of `others` that `entry` cannot live beside, and what they share.
+
+    "name", "image" (the same file through any path) or "device" (the same
+    device=nbdN).  The one duplicate check for the vhdtab, `attach --persist`
+    and the live attachments.
+    """
+    for other in others:
+        if other.name == entry.name:
+            return "name", other
+        if same_image(other.image, entry.image):
+            return "image", other
+        if entry.device_index is not None and other.device_index == entry.device_index:
+            return "device", other
+    return None
+
+
 def parse_vhdtab(text: str, source: str = "vhdtab") -> Vhdtab:
     entries: list[VhdtabEntry] = []
     errors: list[ConfigError] = []
-    seen: dict[str, int] = {}
-    images: dict[str, int] = {}
-    devices: dict[int, int] = {}
+    lines: dict[str, int] = {}  # name -> line number
     bad_names: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), start=1):
         try:
             entry = parse_line(line)
             if entry is None:
                 continue
-            if entry.name in seen:
-                raise ConfigError(f"name {entry.name!r} already used on line {seen[entry.name]}")
-            if entry.image in images:
-                raise ConfigError(f"image {entry.image!r} already attached by line {images[entry.image]}")
-            if entry.device_index is not None and entry.device_index in devices:
-                raise ConfigError(f"device nbd{entry.device_index} already used on line {devices[entry.device_index]}")
+            found = clash(entry, entries)
+            if found is not None:
+                what, other = found
+                at = lines[other.name]
+                if what == "name":
+                    raise ConfigError(f"name {entry.name!r} already used on line {at}")
+                if what == "image":
+                    raise ConfigError(f"image {entry.image!r} already attached by line {at}")
+                raise ConfigError(f"device nbd{entry.device_index} already used on line {at}")
         except ConfigError as exc:
             errors.append(ConfigError(f"{source}:{lineno}: {exc}"))
             bad_names.add(line.split()[0])
             continue
-        seen[entry.name] = lineno
-        images[entry.image] = lineno
-        if entry.device_index is not None:
-            devices[entry.device_index] = lineno
+        lines[entry.name] = lineno
         entries.append(entry)
     return Vhdtab(tuple(entries), tuple(errors), frozenset(bad_names))
 
@@ -259,6 +279,19 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
+def check_appendable(path: Path, table: Vhdtab, entry: VhdtabEntry) -> None:
+    """Refuse a line whose name, image or device the file already has."""
+    found = clash(entry, table.entries)
+    if found is None:
+        return
+    what, existing = found
+    if what == "name":
+        raise ConfigError(f"{path} already has an entry named {entry.name!r}")
+    if what == "image":
+        raise ConfigError(f"{path} already has an entry for {entry.image} ({existing.name!r})")
+    raise ConfigError(f"{path} already has an entry for device nbd{entry.device_index} ({existing.name!r})")
+
+
 def append_entry(path: Path, entry: VhdtabEntry) -> None:
     """Add `entry` as a new last line, refusing a name or image the file already has."""
     try:
@@ -266,12 +299,7 @@ def append_entry(path: Path, entry: VhdtabEntry) -> None:
         mode = path.stat().st_mode & 0o7777
     except FileNotFoundError:
         old, mode = "", 0o644
-    table = parse_vhdtab(old, str(path))
-    for existing in table.entries:
-        if existing.name == entry.name:
-            raise ConfigError(f"{path} already has an entry named {entry.name!r}")
-        if existing.image == entry.image:
-            raise ConfigError(f"{path} already has an entry for {entry.image} ({existing.name!r})")
+    check_appendable(path, parse_vhdtab(old, str(path)), entry)
     if old and not old.endswith("\n"):
         old += "\n"
     atomic_write(path, (old + entry.format_line() + "\n").encode("utf-8"), mode)
