@@ -231,13 +231,21 @@ class ServiceRig:
         return str(p)
 
 
-def make_rig(root: Path, notify_env: dict[str, str] | None = None, *, sync: Any = None) -> ServiceRig:
+def make_rig(
+    root: Path,
+    notify_env: dict[str, str] | None = None,
+    *,
+    sync: Any = None,
+    kernel: FakeKernel | None = None,
+    inherited: dict[str, int] | None = None,
+) -> ServiceRig:
+    """A service on fakes; pass the `kernel` (and `inherited` descriptors) of an earlier rig to play its successor."""
     from vhdblkd.daemon.attachments import AttachmentManager
     from vhdblkd.daemon.intent import Intent
     from vhdblkd.daemon.notify import Notifier
     from vhdblkd.daemon.service import Service
 
-    kernel = FakeKernel()
+    kernel = kernel or FakeKernel()
     opener = FakeOpener()
     busy: dict[int, str] = {}
     intent = [Intent.STOP]
@@ -256,6 +264,7 @@ def make_rig(root: Path, notify_env: dict[str, str] | None = None, *, sync: Any 
         notifier=Notifier(notify_env or {}),
         make_manager=manager,
         intent=lambda: (intent[0], "chosen by the test"),
+        inherited=inherited,
     )
     return ServiceRig(root, kernel, opener, busy, service, intent)
 
@@ -280,3 +289,46 @@ def eventually(check: Any, attempts: int = 400) -> None:
         except AssertionError:
             threading.Event().wait(0.01)
     check()
+
+
+class FakeServiceManager:
+    """The service manager's end of $NOTIFY_SOCKET: keeps FDSTORE=1 descriptors by name, answers BARRIER=1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.store: dict[str, int] = {}
+        self.messages: list[str] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 16)
+            except OSError:
+                return
+            text = data.decode()
+            self.messages.append(text)
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            if fields.get("FDSTORE") == "1":
+                for fd in fds:
+                    self.store.setdefault(fields.get("FDNAME", "stored"), fd)
+                continue
+            if fields.get("FDSTOREREMOVE") == "1":
+                old = self.store.pop(fields.get("FDNAME", ""), None)
+                if old is not None:
+                    os.close(old)
+            for fd in fds:  # BARRIER=1: closing its descriptor says everything before was read
+                os.close(fd)
+
+    def hand_back(self) -> dict[str, int]:
+        """What the next start gets ($LISTEN_FDS): a copy of every stored descriptor."""
+        return {name: os.dup(fd) for name, fd in self.store.items()}
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in self.store.values():
+            os.close(fd)
+        self.store.clear()

@@ -2,18 +2,25 @@
 
 One boot checks the packaging end to end:
 
-* an fstab line mounts /dev/disk/by-vhd/data with
-  x-systemd.requires=vhdblkd.service during early boot, with no ordering
-  cycle (vhdblkd.service has DefaultDependencies=no);
+* the recommended fstab line (x-systemd.after=vhdblkd.service) mounts
+  /dev/disk/by-vhd/data during early boot, with no ordering cycle
+  (vhdblkd.service has DefaultDependencies=no);
 * systemd-modules-load loads nbd with the packaged options, the service
   reaches "active" through Type=notify, `systemctl reload` (SIGHUP) keeps it
   running, and udev names the device after the attachment;
+* while a writer appends and fsyncs a record every 50 ms, `systemctl
+  restart vhdblkd` three times, then `systemctl stop` and `start`: the
+  writer sees no error, the file system is never unmounted, the device and
+  its by-vhd link stay the same, one attachment, every fsynced record is in
+  the image afterwards;
+* a SIGKILL of the daemon (Restart=on-failure) keeps the mount too;
 * at `systemctl poweroff` the mount goes first, then the daemon flushes and
   detaches: a file written at boot is in the VHD afterwards, read on the host.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,11 +36,47 @@ VENV_BIN = REPO_ROOT / ".venv" / "bin"
 MARKER = "made on the host before boot\n"
 WRITTEN = "written while booted, flushed at poweroff\n"
 
+# Appends a numbered record and fsyncs it every 50 ms; each record is noted in
+# `acked` (on the host) only once its fsync returned.  Stops on SIGTERM.
+WRITER = r"""
+import os, signal, sys, time
+stop = False
+def on_term(signum, frame):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, on_term)
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+acked = open(sys.argv[2], "w")
+i, worst = 0, 0.0
+while not stop:
+    started = time.monotonic()
+    try:
+        os.write(fd, ("record %06d %s\n" % (i, "x" * 80)).encode())
+        os.fsync(fd)
+    except OSError as exc:
+        print("writer error at record", i, exc, flush=True)
+        sys.exit(1)
+    worst = max(worst, time.monotonic() - started)
+    acked.write("%d\n" % i)
+    acked.flush()
+    i += 1
+    time.sleep(0.05)
+print("records", i, "slowest_fsync %.3f" % worst, flush=True)
+"""
+
 CHECK_SCRIPT = r"""#!/bin/bash
 # Runs in the booted guest once multi-user.target is reached.
 out=/srv/test/result.tmp
 : >"$out"
 kv() { printf '%s=%s\n' "$1" "$2" >>"$out"; }
+acked() { wc -l </srv/test/acked 2>/dev/null || echo 0; }
+wait_acked() {  # wait_acked N SECONDS: until N more records are fsynced
+    local goal=$(( $(acked) + $1 ))
+    for i in $(seq $(( $2 * 10 ))); do [ "$(acked)" -ge "$goal" ] && return 0; sleep 0.1; done
+    return 1
+}
+mount_id() { awk '$5 == "/mnt/vhd" {print $1}' /proc/self/mountinfo | tr '\n' ' '; }
+attachments() { vhdblkctl list --json | python3 -c 'import json,sys; print(" ".join(a["name"] + "=" + a["device"] for a in json.load(sys.stdin)))'; }
 kv active "$(systemctl show -P ActiveState vhdblkd.service)"
 kv type "$(systemctl show -P Type vhdblkd.service)"
 kv status_text "$(systemctl show -P StatusText vhdblkd.service)"
@@ -46,6 +89,7 @@ kv backend "$(cat /sys/block/${dev#/dev/}/backend 2>&1)"
 kv marker "$(cat /mnt/vhd/marker 2>&1)"
 kv fsck "$(systemctl show -P ActiveState,Result "$(systemd-escape -p --template=systemd-fsck@.service /dev/disk/by-vhd/data)" | tr '\n' ' ')"
 kv mount_after "$(systemctl show -P After mnt-vhd.mount | tr ' ' '\n' | grep -x vhdblkd.service)"
+kv mount_requires "$(systemctl show -P Requires,BindsTo,PartOf mnt-vhd.mount | tr ' ' '\n' | grep -x vhdblkd.service)"
 kv failed "$(systemctl list-units --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')"
 printf 'written while booted, flushed at poweroff\n' >/mnt/vhd/written
 systemctl reload vhdblkd.service
@@ -55,6 +99,48 @@ kv active_after_reload "$(systemctl show -P ActiveState vhdblkd.service)"
 vhdblkctl list >/srv/test/list.out 2>&1
 kv list_rc "$?"
 kv verify "$(systemd-analyze verify vhdblkd.service /run/systemd/generator/mnt-vhd.mount 2>&1 | tr '\n' ' ')"
+
+# Restarts under a writer: the devices are handed over, the mount carries on.
+kv mount_id "$(mount_id)"
+python3 /srv/test/writer.py /mnt/vhd/log.txt /srv/test/acked >/srv/test/writer.out 2>&1 &
+WPID=$!
+wait_acked 10 60
+for n in 1 2 3; do
+    pid1=$(systemctl show -P MainPID vhdblkd.service)
+    systemctl restart vhdblkd.service
+    kv restart${n}_rc "$?"
+    pid2=$(systemctl show -P MainPID vhdblkd.service)
+    kv restart${n}_new_pid "$( [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] && echo yes)"
+    kv restart${n}_active "$(systemctl show -P ActiveState vhdblkd.service)"
+    kv restart${n}_link "$(readlink -f /dev/disk/by-vhd/data)"
+    kv restart${n}_source "$(findmnt -n -o SOURCE /mnt/vhd)"
+    kv restart${n}_attachments "$(attachments)"
+    kv restart${n}_mount_id "$(mount_id)"
+    wait_acked 10 90
+    kv restart${n}_writing "$?"
+done
+kv restart_fdstore_log "$(journalctl -b -u vhdblkd.service -o cat | grep -c 'kept for the next daemon')"
+
+# A stop with the device in use keeps it waiting; a start takes it back.
+systemctl stop vhdblkd.service
+kv stop_rc "$?"
+kv stopped_active "$(systemctl show -P ActiveState vhdblkd.service)"
+kv stopped_backend "$(cat /sys/block/${dev#/dev/}/backend 2>&1)"
+sleep 2
+systemctl start vhdblkd.service
+kv start_rc "$?"
+kv start_link "$(readlink -f /dev/disk/by-vhd/data)"
+kv start_source "$(findmnt -n -o SOURCE /mnt/vhd)"
+kv start_attachments "$(attachments)"
+kv start_mount_id "$(mount_id)"
+wait_acked 10 120
+kv start_writing "$?"
+kill -TERM $WPID
+wait $WPID
+kv writer_rc "$?"
+kv writer_out "$(cat /srv/test/writer.out)"
+kv mount_unit_inactive_since "$(systemctl show -P InactiveEnterTimestampMonotonic mnt-vhd.mount)"
+
 # A crash: Restart=on-failure brings the daemon back, the state file in the
 # preserved RuntimeDirectory names the device, and the mounted file system
 # carries on through RECONFIGURE.
@@ -71,6 +157,9 @@ printf 'written after a daemon crash\n' >/mnt/vhd/after-crash
 sync -f /mnt/vhd/after-crash
 kv sync_rc "$?"
 kv link_after_crash "$(readlink -f /dev/disk/by-vhd/data)"
+kv attachments_after_crash "$(attachments)"
+kv mount_id_end "$(mount_id)"
+echo "GUEST-CHECK: done"
 mv "$out" /srv/test/result
 """
 
@@ -108,11 +197,12 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
     srv.mkdir()
     image = _make_image(srv)
     (srv / "check.sh").write_text(CHECK_SCRIPT)
+    (srv / "writer.py").write_text(WRITER)
     files = {
         "/etc/vhdblkd/vhdtab": "# NAME IMAGE [OPTIONS]\ndata /srv/test/data.vhd\n",
         "/etc/fstab": (
             "/dev/disk/by-vhd/data /mnt/vhd ext4 "
-            "x-systemd.requires=vhdblkd.service,x-systemd.device-timeout=90s 0 2\n"
+            "x-systemd.after=vhdblkd.service,x-systemd.device-timeout=90s 0 2\n"
         ),
         "/etc/systemd/system/vhdblkd.service": (PACKAGING / "systemd/vhdblkd.service").read_text(),
         "/etc/modules-load.d/vhdblkd.conf": (PACKAGING / "modules-load.d/vhdblkd.conf").read_text(),
@@ -120,7 +210,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
         "/etc/udev/rules.d/61-vhdblkd.rules": (PACKAGING / "udev/61-vhdblkd.rules").read_text(),
         "/etc/systemd/system/vhdblkd-boot-check.service": check_unit(
             "vhdblkd boot checks", "/srv/test/check.sh", after=("multi-user.target", "vhdblkd.service")
-        ),
+        ).replace("TimeoutStartSec=5min", "TimeoutStartSec=12min"),
     }
     # The unit's ExecStart is /usr/bin/vhdblkd, as for a system-wide install;
     # in the guest's overlay that path leads to the project's venv.
@@ -133,7 +223,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
         host_dir=srv,
         files=files,
         enable=["vhdblkd.service", "vhdblkd-boot-check.service"],
-        timeout=300,
+        timeout=900,
     )
     return result, image
 
@@ -176,6 +266,56 @@ def test_reload_keeps_service(booted: tuple[BootResult, Path]) -> None:
     assert "data" in booted[0].read("list.out")
 
 
+def test_mount_is_ordered_after_the_daemon_but_does_not_require_it(booted: tuple[BootResult, Path]) -> None:
+    r = _results(booted)
+    assert r["mount_after"] == "vhdblkd.service"
+    assert r["mount_requires"] == "", "a restart of vhdblkd would restart the mount"
+
+
+def test_restarts_keep_the_device_under_a_writer(booted: tuple[BootResult, Path]) -> None:
+    r = _results(booted)
+    for n in (1, 2, 3):
+        assert r[f"restart{n}_rc"] == "0", r
+        assert r[f"restart{n}_new_pid"] == "yes", r
+        assert r[f"restart{n}_active"] == "active", r
+        assert r[f"restart{n}_link"] == r["link"], r
+        assert r[f"restart{n}_source"] == r["link"], r
+        assert r[f"restart{n}_attachments"] == f"data={r['link']}", r
+        assert r[f"restart{n}_mount_id"] == r["mount_id"], "the file system was mounted again"
+        assert r[f"restart{n}_writing"] == "0", f"the writer stopped making progress after restart {n}"
+    assert int(r["restart_fdstore_log"]) >= 3, r
+    # The kernel never saw the server go: no dead connection, no reconnect.
+    console = booted[0].console
+    assert "Receive control failed" not in console and "Dead connection" not in console
+    assert "I/O error" not in console and "Aborting journal" not in console
+
+
+def test_stop_then_start_keeps_the_device_in_use(booted: tuple[BootResult, Path]) -> None:
+    r = _results(booted)
+    assert (r["stop_rc"], r["stopped_active"]) == ("0", "inactive"), r
+    assert r["stopped_backend"] == "vhdblkd:data", "a device in use must wait for the next daemon"
+    assert r["start_rc"] == "0", r
+    assert r["start_link"] == r["link"] and r["start_source"] == r["link"], r
+    assert r["start_attachments"] == f"data={r['link']}", r
+    assert r["start_mount_id"] == r["mount_id"], r
+    assert r["start_writing"] == "0", r
+
+
+def test_the_writer_saw_no_error_and_every_fsynced_record_is_in_the_image(
+    booted: tuple[BootResult, Path], tmp_path: Path
+) -> None:
+    result, image = booted
+    r = _results(booted)
+    assert r["writer_rc"] == "0", r["writer_out"]
+    assert r["mount_unit_inactive_since"] == "0", "the mount unit was stopped at some point"
+    acked = [int(x) for x in result.read("acked").split()]
+    assert len(acked) >= 50 and acked == list(range(len(acked)))
+    lines = _file_in_image(image, "/log.txt", tmp_path).splitlines()
+    for i in acked:
+        assert lines[i] == f"record {i:06d} {'x' * 80}", i
+    print("writer:", r["writer_out"])  # records and slowest fsync, for the report
+
+
 def test_unit_and_generated_mount_verify(booted: tuple[BootResult, Path]) -> None:
     assert _results(booted)["verify"].strip() == ""
 
@@ -186,15 +326,20 @@ def test_crash_restart_keeps_the_mount(booted: tuple[BootResult, Path]) -> None:
     assert r["active_after_crash"] == "active", r
     assert r["sync_rc"] == "0", r
     assert r["link_after_crash"] == r["link"], r
+    assert r["attachments_after_crash"] == f"data={r['link']}", r
+    assert r["mount_id_end"] == r["mount_id"], r
 
 
 def test_poweroff_unmounts_then_flushes(booted: tuple[BootResult, Path], tmp_path: Path) -> None:
     result, image = booted
     _results(booted)
     console = result.console
+    checks_done = console.find("GUEST-CHECK: done")
     unmounted = console.find("mnt-vhd.mount: Deactivated successfully")
-    stopped = console.find("vhdblkd.service: Deactivated successfully")
-    assert unmounted != -1 and stopped != -1, console[-8000:]
-    assert unmounted < stopped, "the daemon stopped before the mount was gone"
+    stopped = console.rfind("vhdblkd.service: Deactivated successfully")
+    assert checks_done != -1 and unmounted != -1 and stopped != -1, console[-8000:]
+    assert checks_done < unmounted < stopped, "the daemon stopped before the mount was gone"
+    assert console.count("mnt-vhd.mount: Deactivated successfully") == 1
+    assert re.search(r"stopping \(shutdown: ", console), "the last stop was not seen as a shutdown"
     assert _file_in_image(image, "/written", tmp_path) == WRITTEN
     assert _file_in_image(image, "/after-crash", tmp_path) == "written after a daemon crash\n"

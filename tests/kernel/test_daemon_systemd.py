@@ -1,7 +1,7 @@
 """A full systemd boot in user-mode Linux with the shipped unit, udev rule and module config.
 
 The vhdtab entry is attached at boot, an fstab line with
-x-systemd.requires=vhdblkd.service mounts it by its /dev/disk/by-vhd name, a
+x-systemd.after=vhdblkd.service mounts it by its /dev/disk/by-vhd name, a
 unit writes a file, and `systemctl poweroff` must leave that file in the
 image, which must check clean on the host.
 """
@@ -60,7 +60,7 @@ def test_boot_attach_mount_write_poweroff(tmp_path: Path, systemd_guest: Callabl
         "/etc/modules-load.d/vhdblkd.conf": (PACKAGING / "modules-load.d" / "vhdblkd.conf").read_text(),
         "/etc/modprobe.d/vhdblkd.conf": (PACKAGING / "modprobe.d" / "vhdblkd.conf").read_text(),
         "/etc/vhdblkd/vhdtab": "# attached at boot\ndata /srv/test/data.vhd\n",
-        "/etc/fstab": "/dev/disk/by-vhd/data /mnt/data ext4 defaults,x-systemd.requires=vhdblkd.service 0 0\n",
+        "/etc/fstab": "/dev/disk/by-vhd/data /mnt/data ext4 defaults,x-systemd.after=vhdblkd.service 0 0\n",
         "/etc/systemd/system/vhdtest.service": TEST_UNIT.format(venv=REPO_ROOT / ".venv" / "bin"),
     }
     boot = systemd_guest(

@@ -500,6 +500,10 @@ def _systemd_test_config() -> dict[str, str]:
         # instead of waiting on a rescue shell nobody can type into.
         "etc/systemd/system/emergency.service.d/50-uml-test.conf": _GIVE_UP,
         "etc/systemd/system/rescue.service.d/50-uml-test.conf": _GIVE_UP,
+        # Debian's tmpfiles.d/tmp.conf empties /tmp at boot (`D /tmp`); the guest's
+        # /tmp is the host's, where the checkout and its venv may live (CI may run
+        # from /tmp).  Same path, so this file replaces it: keep /tmp as it is.
+        "etc/tmpfiles.d/tmp.conf": "d /tmp 1777 root root -\n",
         "etc/systemd/journald.conf.d/50-uml-test.conf": (
             "[Journal]\nStorage=volatile\nForwardToConsole=yes\nMaxLevelConsole=info\nTTYPath=/dev/console\n"
         ),
