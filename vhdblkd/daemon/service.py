@@ -61,7 +61,7 @@ class Service:
         make_manager: Callable[[Transport, Callable[[], None]], AttachmentManager] | None = None,
         control_factory: Callable[[Path, Callable[[dict[str, Any]], dict[str, Any]]], ControlServer] | None = None,
         clock: Callable[[], float] = time.time,
-        intent: Callable[[], tuple[Intent, str]] = partial(probe, os.environ),
+        intent: Callable[[], tuple[Intent, str]] | None = None,
         inherited: dict[str, int] | None = None,
     ) -> None:
         self.config = config
@@ -69,7 +69,7 @@ class Service:
         self.notifier = notifier
         self.transport = transport
         self._clock = clock
-        self._intent = intent
+        self._intent = intent or partial(probe, os.environ)
         self._inherited = dict(inherited or {})
         self.started = clock()
         self.config_errors: list[str] = []
@@ -186,17 +186,7 @@ class Service:
                     continue
                 self._try(name, partial(self.manager.detach, name, force=False))
             for entry in plan.change:
-                current = self.manager.get(entry.name)
-                assert current is not None
-                reason = self.manager.busy_reason(current)
-                if reason is not None:
-                    msg = f"vhdtab entry {entry.name!r} changed but {current.path} is in use ({reason}): detach it to apply the change"
-                    log.warning("%s", msg)
-                    self.attach_errors[entry.name] = msg
-                    continue
-                self._try(entry.name, partial(self.manager.detach, entry.name, force=False))
-                if self.manager.get(entry.name) is None:
-                    self._try(entry.name, partial(self.manager.attach, entry, from_vhdtab=True))
+                self._reattach(entry)
             for entry in plan.attach:
                 if entry.name in self._blocked:
                     self.attach_errors[entry.name] = self._blocked[entry.name]
@@ -210,6 +200,20 @@ class Service:
                 len(plan.change),
                 len(plan.unchanged),
             )
+
+    def _reattach(self, entry: VhdtabEntry) -> None:
+        """A changed vhdtab line: detach and attach again, unless the device is in use."""
+        current = self.manager.get(entry.name)
+        assert current is not None
+        reason = self.manager.busy_reason(current)
+        if reason is not None:
+            msg = f"vhdtab entry {entry.name!r} changed but {current.path} is in use ({reason}): detach it to apply the change"
+            log.warning("%s", msg)
+            self.attach_errors[entry.name] = msg
+            return
+        self._try(entry.name, partial(self.manager.detach, entry.name, force=False))
+        if self.manager.get(entry.name) is None:
+            self._try(entry.name, partial(self.manager.attach, entry, from_vhdtab=True))
 
     def _take_back(self) -> None:
         """Take over the devices a previous daemon left in the kernel, before anything is attached.
