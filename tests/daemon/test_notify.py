@@ -94,3 +94,55 @@ def test_vanished_socket_does_not_raise(tmp_path: Path) -> None:
 )
 def test_watchdog_interval(env: dict[str, str], seconds: float | None) -> None:
     assert watchdog_interval(env) == seconds
+
+
+def test_descriptors_go_to_the_store_and_a_barrier_waits_for_them(tmp_path: Path) -> None:
+    from .fakes import FakeServiceManager
+
+    manager = FakeServiceManager(tmp_path / "store")
+    a, b = socket.socketpair()
+    try:
+        n = Notifier({"NOTIFY_SOCKET": str(manager.path)})
+        assert n.store_fds([("vhdblkd-nbd0-0", a.fileno())])
+        assert n.barrier(timeout=10)  # returns once everything before it was read
+        assert list(manager.store) == ["vhdblkd-nbd0-0"]
+        # The stored copy is the same socket: what goes in at b comes out of it.
+        b.sendall(b"ping")
+        assert os.read(manager.store["vhdblkd-nbd0-0"], 4) == b"ping"
+        n.remove_fds(["vhdblkd-nbd0-0"])
+        assert n.barrier(timeout=10)
+        assert manager.store == {}
+        assert not Notifier({}).store_fds([("x", a.fileno())]) and not Notifier({}).barrier()
+    finally:
+        a.close()
+        b.close()
+        manager.close()
+
+
+def test_inherited_fds_are_named_and_only_for_this_process() -> None:
+    import subprocess
+    import sys
+
+    child = (
+        "import os, sys; from vhdblkd.daemon.notify import inherited_fds; "
+        "env = dict(os.environ); env['LISTEN_PID'] = str(os.getpid()); "
+        "found = inherited_fds(env, os.getpid()); "
+        "print(sorted(found.items()), sorted(k for k in env if k.startswith('LISTEN_')), "
+        "inherited_fds({'LISTEN_PID': '1', 'LISTEN_FDS': '2'}, os.getpid()))"
+    )
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+
+    def place() -> None:  # as systemd does: the descriptors from 3 on
+        os.dup2(r1, 3)
+        os.dup2(r2, 4)
+
+    env = {**os.environ, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "vhdblkd-nbd0-0:vhdblkd-nbd1-0"}
+    # close_fds=False: dup2 in the child leaves 3 and 4 open across exec.
+    done = subprocess.run(
+        [sys.executable, "-c", child], env=env, preexec_fn=place, capture_output=True, text=True, timeout=60,
+        close_fds=False,
+    )
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+    assert done.stdout.strip() == "[('vhdblkd-nbd0-0', 3), ('vhdblkd-nbd1-0', 4)] [] {}", done.stderr

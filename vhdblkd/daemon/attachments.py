@@ -187,7 +187,7 @@ class AttachmentManager:
         att = self._bring_up(
             entry, from_vhdtab, lambda image: self.transport.adopt(image, entry, record.device, inherited)
         )
-        log.info("took over %s as %s (%s)", entry.image, att.path, entry.name)
+        log.info("re-adopted %s as %s (%s)", entry.image, att.path, entry.name)
         return att
 
     def _bring_up(self, entry: VhdtabEntry, from_vhdtab: bool, make: Callable[[Backend], Device]) -> Attachment:
