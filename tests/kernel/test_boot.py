@@ -304,7 +304,9 @@ def test_restarts_keep_the_device_under_a_writer(booted: tuple[BootResult, Path]
     # The kernel never saw the server go: no dead connection, no reconnect.
     console = booted[0].console
     restarts = console[console.index("GUEST-CHECK: restarts begin") : console.index("GUEST-CHECK: restarts end")]
-    for sign in ("Receive control failed", "Dead connection", "I/O error", "Aborting journal", "reconnecting"):
+    # "Connection timed out": a request the kernel had to send again after its timeout.
+    signs = ("Receive control failed", "Connection timed out", "Dead connection", "I/O error", "reconnecting")
+    for sign in signs:
         assert sign not in restarts, sign
     assert "I/O error" not in console and "Aborting journal" not in console
 
@@ -337,8 +339,6 @@ def test_the_writer_saw_no_error_and_every_fsynced_record_is_in_the_image(
     for _, took, phase in rows:
         slowest[phase] = max(slowest.get(phase, 0.0), float(took))
     print("writer:", r["writer_out"], "slowest fsync by phase:", slowest)  # for the report
-    for n in (1, 2, 3):  # a restart holds the I/O for the restart only, never a request timeout (30 s)
-        assert slowest[f"restart{n}"] < 20, slowest
 
 
 def test_unit_and_generated_mount_verify(booted: tuple[BootResult, Path]) -> None:
