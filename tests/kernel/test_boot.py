@@ -62,7 +62,7 @@ while not stop:
     worst = max(worst, took)
     try:
         with open(sys.argv[3]) as f:
-            phase = f.read().strip() or "-"
+            phase = (f.read().split() or ["-"])[0]
     except OSError:
         phase = "-"
     acked.write("%d %.3f %s\n" % (i, took, phase))
@@ -111,7 +111,7 @@ kv verify "$(systemd-analyze verify vhdblkd.service /run/systemd/generator/mnt-v
 # Restarts under a writer: the devices are handed over, the mount carries on.
 echo "GUEST-CHECK: restarts begin"
 kv mount_id "$(mount_id)"
-phase() { echo "$1" >/srv/test/phase; }
+phase() { echo "$1" >/srv/test/phase.tmp && mv /srv/test/phase.tmp /srv/test/phase; }
 phase boot
 python3 /srv/test/writer.py /mnt/vhd/log.txt /srv/test/acked /srv/test/phase >/srv/test/writer.out 2>&1 &
 WPID=$!
@@ -128,6 +128,7 @@ for n in 1 2 3; do
     kv restart${n}_source "$(findmnt -n -o SOURCE /mnt/vhd)"
     kv restart${n}_attachments "$(attachments)"
     kv restart${n}_mount_id "$(mount_id)"
+    kv restart${n}_own_mount_ns "$( [ "$(readlink /proc/$pid2/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] && echo yes)"
     wait_acked 10 90
     kv restart${n}_writing "$?"
     phase after-restart$n
@@ -299,6 +300,7 @@ def test_restarts_keep_the_device_under_a_writer(booted: tuple[BootResult, Path]
         assert r[f"restart{n}_source"] == r["link"], r
         assert r[f"restart{n}_attachments"] == f"data={r['link']}", r
         assert r[f"restart{n}_mount_id"] == r["mount_id"], "the file system was mounted again"
+        assert r[f"restart{n}_own_mount_ns"] == "", "a daemon with its own mount namespace pins the mounts"
         assert r[f"restart{n}_writing"] == "0", f"the writer stopped making progress after restart {n}"
     assert int(r["restart_fdstore_log"]) >= 3, r
     # The kernel never saw the server go: no dead connection, no reconnect.

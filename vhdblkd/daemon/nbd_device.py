@@ -216,9 +216,11 @@ class NbdDevice:
             sock.close()
 
     def release(self) -> None:
-        # Like a handover, so that no request read is left unanswered; then our
-        # ends close and the kernel holds the device's I/O for the next daemon.
-        self.handover()
+        # Shut our receive side: the kernel's next send fails and it queues the
+        # request again at once (for the next daemon) instead of waiting for its
+        # timeout; what it sent before is still read and answered.  Then our
+        # ends close and the kernel holds the device's I/O for dead_conn_timeout.
+        self.ending = True
         self.stop.set()
         self.stop_threads()
 
