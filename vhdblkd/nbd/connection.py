@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 from ..backend import AllocationMap
 from ..errors import RemoteProtocolError
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _FIRST_WRITE_BUFFER = 256 * 1024  # grows on demand up to NBD_MAX_PAYLOAD; most writes are <= 128 KiB
 _STOP_POLL_SECONDS = 0.2
+_PAUSE_POLL = struct.pack("ll", 0, 200_000)  # struct timeval: 0.2 s
 _RELAY_DRAIN_SECONDS = 30.0  # time the TLS relay gets to deliver the last replies
 # The NBD commands the request layer serves; DISC and the rest stay here.
 _COMMANDS = {
@@ -71,9 +74,14 @@ def request_flags(flags: int) -> int:
 
 
 def serve_connection(
-    sock: socket.socket, export: Export | Catalog, *, handshake: bool, stop: threading.Event | None = None
-) -> None:
-    """Serve one connected stream socket until DISC, EOF, a protocol error or `stop`.
+    sock: socket.socket,
+    export: Export | Catalog,
+    *,
+    handshake: bool,
+    stop: threading.Event | None = None,
+    pause: threading.Event | None = None,
+) -> bool:
+    """Serve one connected stream socket until DISC, EOF, a protocol error, `stop` or `pause`.
 
     With `handshake` the fixed-newstyle negotiation runs first (network
     clients); without it the socket is already in the transmission phase (the
@@ -82,7 +90,13 @@ def serve_connection(
     FLUSH before it disconnects.  A protocol error is logged and ends only
     this connection.  The socket is shut down on return (the peer sees EOF)
     but not closed: the caller owns the descriptor.
+
+    `pause` (kernel sockets only) ends the loop between two requests instead:
+    every request read is answered, the socket is left open and untouched,
+    and True is returned, so another process can go on serving it from the
+    very next request (a daemon restart hands its sockets over this way).
     """
+    paused = False
     done = threading.Event()
     done_lock = threading.Lock()
     watcher: threading.Thread | None = None
@@ -97,12 +111,14 @@ def serve_connection(
         if handshake:
             session = negotiate(sock, export if isinstance(export, Catalog) else Catalog.of(export))
             if session is None:
-                return
+                return False
             serving, relay = session.sock, session.relay
             _Connection(serving, session.export, session.structured, session.contexts).run()
         else:
             assert isinstance(export, Export)
-            _Connection(serving, export).run()
+            conn = _Connection(serving, export, pause=pause)
+            conn.run()
+            paused = conn.paused
     except RemoteProtocolError as exc:
         log.warning("closing NBD connection: client broke the protocol: %s", exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
@@ -118,11 +134,13 @@ def serve_connection(
                 relay.join(_RELAY_DRAIN_SECONDS)
         with done_lock:
             done.set()
-            try:
-                # The peer sees the end now; the descriptor stays the caller's to close.
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError as exc:
-                log.debug("shutdown of a finished NBD connection: %s", exc)
+            if not paused:
+                try:
+                    # The peer sees the end now; the descriptor stays the caller's to close.
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:
+                    log.debug("shutdown of a finished NBD connection: %s", exc)
+    return paused
 
 
 def _watch_stop(sock: socket.socket, stop: threading.Event, done: threading.Event, lock: threading.Lock) -> None:
@@ -144,9 +162,21 @@ class _Connection(StructuredReplies):
     """The transmission loop of one socket (see the module docstring)."""
 
     def __init__(
-        self, sock: socket.socket, export: Export, structured: bool = False, contexts: dict[int, str] | None = None
+        self,
+        sock: socket.socket,
+        export: Export,
+        structured: bool = False,
+        contexts: dict[int, str] | None = None,
+        pause: threading.Event | None = None,
     ) -> None:
         self.sock = sock
+        self.pause = pause or threading.Event()
+        self.pausable = pause is not None
+        self.paused = False
+        if pause is not None:
+            # An idle connection must notice a pause without a request arriving: a
+            # receive timeout (set on the socket, so recv costs no extra poll) wakes it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _PAUSE_POLL)
         self.export = export
         self.structured = structured  # READ answers and its errors are structured replies
         self.contexts = dict(contexts or {})  # metadata context id -> name, for BLOCK_STATUS
@@ -171,7 +201,10 @@ class _Connection(StructuredReplies):
         total = 0
         need = len(view)
         while total < need:
-            n = self.sock.recv_into(view[total:], need - total, socket.MSG_WAITALL)
+            try:
+                n = self.sock.recv_into(view[total:], need - total, socket.MSG_WAITALL)
+            except BlockingIOError:  # the pause poll's timeout inside a request: keep reading
+                continue
             if n == 0:
                 break
             total += n
@@ -259,7 +292,7 @@ class _Connection(StructuredReplies):
     def _loop(self) -> None:
         header = bytearray(NBD_REQUEST_SIZE)
         hview = memoryview(header)
-        recv_into = self.sock.recv_into
+        recv_into: Callable[[memoryview, int, int], int] = self._recv_or_pause if self.pausable else self.sock.recv_into
         unpack = REQUEST_HEADER.unpack_from
         commands = _COMMANDS.get
         validate = self.layer.validate
@@ -307,6 +340,17 @@ class _Connection(StructuredReplies):
                 stats.bytes_read += length
                 continue
             self._complete(req, cookie)
+
+    def _recv_or_pause(self, view: memoryview, nbytes: int, flags: int) -> int:
+        """recv_into for a header of a connection that may pause: 0, as at EOF, once paused."""
+        while True:
+            if self.pause.is_set():
+                self.paused = True  # between two requests: the next one stays in the socket
+                return 0
+            try:
+                return self.sock.recv_into(view, nbytes, flags)
+            except BlockingIOError:  # idle for the pause poll's timeout
+                continue
 
     def _rest_of_header(self, hview: memoryview, n: int) -> bool:
         """Complete a header the first recv cut short; False at a clean EOF before it."""
