@@ -52,6 +52,8 @@ class Layout:
     metadata_end: int = 0
     data_end: int = 0  # end of the last referenced block (or of metadata)
     leaks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Parent locators whose data lies outside the file: unreadable, and not reserved as metadata.
+    bad_locators: list[int] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
     fatal: VhdError | None = None
 
@@ -247,6 +249,7 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
                 lay.add("locator", f"{path}: parent locator {i} ({loc.platform_code!r}) data at "
                         f"{loc.platform_data_offset} (+{space}) lies outside the file; ignored",
                         hoff + 576 + 24 * i)
+                lay.bad_locators.append(i)
                 continue
             meta.append((loc.platform_data_offset, round_up_sector(space), f"parent locator {i}"))
     lay.metadata = meta

@@ -8,7 +8,10 @@ Every step keeps the file openable if it is interrupted:
 - orphan space after the last referenced block (a torn allocation), a
   damaged or 511-byte trailing footer: the footer is written right after the
   data and the file truncated there;
-- a missing or stale footer copy at offset 0 is rewritten from the footer.
+- a missing or stale footer copy at offset 0 is rewritten from the footer;
+- a parent locator whose data lies outside the file is cleared from the
+  header (one write): its range is not reserved, so once the file grew over
+  it a block would overlap it and the image would no longer open.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, scan
+from vhdblkd.vhd.structs import ParentLocator
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ def needs_repair(lay: Layout) -> bool:
         return True
     if lay.footer.disk_type == c.DISK_TYPE_FIXED:
         return False
-    return bool(lay.leaks) or lay.footer_offset != lay.data_end or lay.backup_footer is None \
+    return bool(lay.leaks) or bool(lay.bad_locators) or lay.footer_offset != lay.data_end or lay.backup_footer is None \
         or lay.backup_footer.pack() != lay.footer.pack()
 
 
@@ -44,6 +48,16 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
             f.truncate(lay.footer_offset + c.FOOTER_SIZE)
             f.fdatasync()
         return scan(f, lay.path)
+    if lay.bad_locators and lay.header is not None:
+        log.warning("%s: clearing parent locators %s, whose data lies outside the file", lay.path,
+                    ", ".join(map(str, lay.bad_locators)))
+        locators = tuple(ParentLocator() if i in lay.bad_locators else loc
+                         for i, loc in enumerate(lay.header.parent_locators))
+        f.pwrite(lay.footer.data_offset, lay.header.replace(parent_locators=locators).pack())
+        f.fdatasync()
+        lay = scan(f, lay.path)
+        if lay.fatal is not None:
+            return lay
     while lay.leaks:
         lay = _relocate_last_block(f, lay)
     if lay.short_footer or not lay.trailing_footer_ok or lay.footer_offset != lay.data_end:
