@@ -257,39 +257,6 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
     _scan_blocks(lay)
 
 
-def _drop_locator(lay: Layout, region: tuple[int, int, str], index: int, start: int) -> None:
-    """Ignore a parent locator whose space overlaps a data block.
-
-    A locator is only a hint for finding the parent (which is then checked by
-    its unique id); the block holds the user's data.  So the block wins.  This
-    also keeps a verdict stable across a read-write session: a locator whose
-    claimed space lay past the end of the file was ignored at open, and the
-    blocks appended meanwhile may now sit inside that claim.
-    """
-    moff, mlen, what = region
-    lay.metadata.remove(region)
-    lay.metadata_end = round_up_sector(max(off + ln for off, ln, _ in lay.metadata))
-    lay.add("locator", f"{lay.path}: {what} data at {moff} (+{mlen}) overlaps block {index} "
-            f"at {start}; the locator is ignored", moff)
-
-
-def _clear_of_metadata(lay: Layout, index: int, start: int, where: int) -> bool:
-    """False (and the layout failed) when block `index` at `start` overlaps header, BAT or footer copy."""
-    assert lay.blocks is not None
-    stride = lay.blocks.stride
-    for moff, mlen, what in list(lay.metadata):
-        if not (start < moff + mlen and moff < start + stride):
-            continue
-        if what.startswith("parent locator"):
-            _drop_locator(lay, (moff, mlen, what), index, start)
-            continue
-        lay.fail("bat-overlap", CorruptImage(
-            f"{lay.path}: BAT entry {index} (at offset {where}) points at offset {start}, "
-            f"overlapping the {what} at {moff}; {DAMAGED_HINT}"), where)
-        return False
-    return True
-
-
 def _scan_blocks(lay: Layout) -> None:
     blocks = lay.blocks
     assert blocks is not None
@@ -307,8 +274,12 @@ def _scan_blocks(lay: Layout) -> None:
                 f"but the block ({stride} bytes) ends past the data area ending at {limit}; {DAMAGED_HINT}"),
                 where)
             return
-        if not _clear_of_metadata(lay, index, start, where):
-            return
+        for moff, mlen, what in lay.metadata:
+            if start < moff + mlen and moff < start + stride:
+                lay.fail("bat-overlap", CorruptImage(
+                    f"{path}: BAT entry {index} (at offset {where}) points at offset {start}, "
+                    f"overlapping the {what} at {moff}; {DAMAGED_HINT}"), where)
+                return
         extents.append((start, index))
     extents.sort()
     for (a, ia), (b, ib) in zip(extents, extents[1:], strict=False):
