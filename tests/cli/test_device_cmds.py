@@ -58,11 +58,12 @@ def test_list_and_status(rig: ServiceRig, capsys: pytest.CaptureFixture[str]) ->
     run(rig, capsys, "attach", img)
     rc, out, _ = run(rig, capsys, "list")
     lines = out.splitlines()
-    assert rc == 0 and lines[0].split()[:3] == ["DEVICE", "NAME", "TYPE"]
-    assert lines[1].split() == ["/dev/nbd0", "data", "dynamic", "1", "MiB", "rw", "1", "0", "0", "0", img]
+    assert rc == 0 and lines[0].split()[:4] == ["DEVICE", "NAME", "TRANSPORT", "TYPE"]
+    assert lines[1].split() == ["/dev/nbd0", "data", "nbd", "dynamic", "1", "MiB", "rw", "1", "0", "0", "0", img]
     rc, out, _ = run(rig, capsys, "list", "--json")
     listed = json.loads(out)
     assert [a["device"] for a in listed] == ["/dev/nbd0"]
+    assert listed[0]["transport"] == "nbd"
     assert set(listed[0]["stats"]) >= {"reads", "writes", "bytes_read", "bytes_written", "flushes"}
     rc, out, _ = run(rig, capsys, "status")
     assert rc == 0
@@ -123,3 +124,12 @@ def test_control_path_from_environment(
     monkeypatch.setenv("VHDBLKD_CONTROL", str(rig.control))
     assert main(["list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_transport_options_are_checked(rig: ServiceRig, capsys: pytest.CaptureFixture[str]) -> None:
+    img = rig.image("data.vhd")
+    rc, _, err = run(rig, capsys, "attach", "--queues", "2", img)
+    assert rc == 1 and "--queues is for --transport ublk" in err
+    rc, _, err = run(rig, capsys, "attach", "--transport", "ublk", "--connections", "2", img)
+    assert rc == 1 and "ublk uses --queues" in err
+    assert rig.kernel.devices == {}

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any
 
+from ..errors import ConfigError
 from .client import control_path, request
 from .parent_args import add_parent_args
 from .sizes import format_size
@@ -20,13 +21,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add attach, detach, list and status to vhdblkctl's argparse tree."""
     p = subparsers.add_parser(
         "attach",
-        help="attach an image as /dev/nbdN",
+        help="attach an image as /dev/nbdN (or /dev/ublkbN)",
         description="Ask vhdblkd to attach IMAGE as a block device and print the device path.",
     )
     p.add_argument("--read-only", "-r", action="store_true", help="attach read-only")
     p.add_argument("--name", help="attachment name (default: the image's file name without .vhd)")
     p.add_argument("--device", help="use this device (/dev/nbdN) instead of a free one")
-    p.add_argument("--connections", type=int, default=1, help="NBD connections (several only for images that allow it)")
+    p.add_argument("--connections", type=int, default=None, help="NBD connections (several only for images that allow it)")
+    p.add_argument("--transport", choices=("nbd", "ublk"), default="nbd",
+                   help="the kernel interface: nbd (default) or ublk (Linux 6.1+, modprobe ublk_drv)")
+    p.add_argument("--queues", type=int, default=None, help="ublk queues, each served by its own thread (default 1)")
     p.add_argument("--persist", action="store_true", help="also add the attachment to the vhdtab, so it comes back at boot")
     add_parent_args(p)
     p.add_argument("--json", action="store_true", help="print the attachment as JSON")
@@ -64,12 +68,18 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
+    if args.queues is not None and args.transport != "ublk":
+        raise ConfigError("--queues is for --transport ublk; NBD uses --connections")
+    if args.connections is not None and args.transport == "ublk":
+        raise ConfigError("--connections is for NBD; ublk uses --queues")
+    count = args.queues if args.transport == "ublk" else args.connections
     message: dict[str, Any] = {
         "op": "attach",
         # The daemon's working directory is not ours.
         "image": os.path.abspath(args.image),
         "read_only": args.read_only,
-        "connections": args.connections,
+        "connections": 1 if count is None else count,
+        "transport": args.transport,
         "persist": args.persist,
         "allow_unsafe_parent": args.allow_unsafe_parent,
         "strict_parent_timestamp": args.strict_parent_timestamp,
@@ -102,13 +112,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(atts)
         return 0
-    rows = [("DEVICE", "NAME", "TYPE", "SIZE", "MODE", "CONN", "READS", "WRITES", "FLUSHES", "IMAGE")]
+    rows = [("DEVICE", "NAME", "TRANSPORT", "TYPE", "SIZE", "MODE", "CONN", "READS", "WRITES", "FLUSHES", "IMAGE")]
     for a in atts:
         stats = a.get("stats", {})
         rows.append(
             (
                 a["device"],
                 a["name"],
+                str(a.get("transport", "nbd")),
                 str(a.get("type") or "-"),
                 format_size(int(a["size"])),
                 "ro" if a["read_only"] else "rw",

@@ -106,6 +106,7 @@ class Attachment:
             "type": None if disk_type is None else str(getattr(disk_type, "name", disk_type)).lower(),
             "size": self.image.size,
             "read_only": self.image.read_only,
+            "transport": self.transport,
             "connections": self.device.connections,
             "from_vhdtab": self.from_vhdtab,
             "reconnects": self.device.reconnects,
@@ -201,7 +202,7 @@ class AttachmentManager:
             except BaseException:
                 image.close()
                 raise
-            att = Attachment(entry, image, device, self.transport.name, from_vhdtab, time.time())
+            att = Attachment(entry, image, device, entry.transport, from_vhdtab, time.time())
             with self._lock:
                 self._table[entry.name] = att
         finally:

@@ -240,7 +240,8 @@ class Service:
                 log.info("%s: %s is no longer connected; not taking it back", record.name, record.path)
                 continue
             expected = self.transport.backend_identifier(record.name)
-            if record.transport != self.transport.name or dev.backend_identifier not in (None, expected):
+            # `live` is keyed by device path, so a record only meets a device of its own transport.
+            if dev.backend_identifier not in (None, expected):
                 log.error("%s: %s now belongs to %s; leaving it alone", record.name, record.path, dev.backend_identifier)
                 continue
             try:
@@ -254,7 +255,8 @@ class Service:
         for dev in live.values():
             for name in self._table_names_from_identifier(dev.backend_identifier):
                 if name not in taken:
-                    self._cannot_take_back(name, dev.path, {"index": dev.index}, "no state record names it")
+                    self._cannot_take_back(name, dev.path, {"index": dev.index, "path": dev.path},
+                                           "no state record names it")
 
     def _table_names_from_identifier(self, identifier: str | None) -> list[str]:
         prefix = self.transport.backend_identifier("")
@@ -369,6 +371,7 @@ class Service:
                     connections=int(request.get("connections", 1)),
                     allow_unsafe_parent=bool(request.get("allow_unsafe_parent", False)),
                     strict_parent_timestamp=bool(request.get("strict_parent_timestamp", False)),
+                    transport=str(request.get("transport", "nbd")),
                 )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"bad attach request: {exc}") from None
@@ -411,11 +414,13 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(bool(getattr(args, "verbose", False)), os.environ)
     from ..nbd.netlink import NbdNetlink
     from .nbd_device import NbdTransport
+    from .transports import Transports
+    from .ublk_device import UblkTransport
 
     inherited = inherited_fds(os.environ, os.getpid())
     notifier = Notifier(os.environ)
     try:
-        transport = NbdTransport(NbdNetlink())
+        transport = Transports(NbdTransport(NbdNetlink()), UblkTransport)
     except VhdblkError:
         raise
     except OSError as exc:

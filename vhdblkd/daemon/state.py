@@ -80,6 +80,7 @@ def entry_from_record(record: StateRecord) -> VhdtabEntry:
             block_size=int(o["block_size"]),
             allow_unsafe_parent=bool(o["allow_unsafe_parent"]),
             strict_parent_timestamp=bool(o.get("strict_parent_timestamp", False)),  # newer than the state format
+            transport=record.transport,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"state record for {record.name!r} is incomplete: {exc}") from None

@@ -26,6 +26,7 @@ DEFAULT_DEAD_CONN_TIMEOUT_SECONDS = 60
 DEFAULT_BLOCK_SIZE = 512
 BLOCK_SIZES = (512, 4096)
 MAX_CONNECTIONS = 16
+TRANSPORTS = ("nbd", "ublk")  # nbd stays the default: Debian 12's stock kernel has no ublk
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _DEVICE_RE = re.compile(r"^(?:/dev/)?nbd(\d+)$")
@@ -45,9 +46,14 @@ class VhdtabEntry:
     block_size: int = DEFAULT_BLOCK_SIZE
     allow_unsafe_parent: bool = False
     strict_parent_timestamp: bool = False
+    transport: str = "nbd"  # for ublk, `connections` is the number of queues
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport={self.transport}: expected {' or '.join(TRANSPORTS)}")
+        if self.transport != "nbd" and self.device_index is not None:
+            raise ConfigError("device=nbdN names an nbd device; it does not go with transport=ublk")
         if not self.image.startswith("/") or "\n" in self.image or "\0" in self.image:
             raise ConfigError(f"image path {self.image!r} must be absolute, with no newline or NUL")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -71,6 +77,7 @@ class VhdtabEntry:
             "block_size": self.block_size,
             "allow_unsafe_parent": self.allow_unsafe_parent,
             "strict_parent_timestamp": self.strict_parent_timestamp,
+            "transport": self.transport,
         }
 
     def format_line(self) -> str:
@@ -92,6 +99,8 @@ class VhdtabEntry:
             opts.append("allow_unsafe_parent")
         if self.strict_parent_timestamp:
             opts.append("strict_parent_timestamp")
+        if self.transport != "nbd":
+            opts.append(f"transport={self.transport}")
         fields = [self.name, escape_field(self.image)]
         if opts:
             fields.append(",".join(opts))
@@ -160,6 +169,8 @@ def parse_options(text: str) -> dict[str, object]:
             raise ConfigError(f"option {key!r} needs a value ({key}=...)" if key in _VALUED else f"unknown option {key!r}")
         if key == "device":
             kwargs["device_index"] = parse_device(value)
+        elif key == "transport":
+            kwargs["transport"] = value
         elif key in _VALUED:
             kwargs[_VALUED[key]] = _int_option(key, value)
         else:
