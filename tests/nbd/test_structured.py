@@ -25,6 +25,7 @@ def test_chunk_layouts() -> None:
     assert err[20:] == struct.pack(">IH", 5, 10) + b"bad sector"
     data = s.data_chunk_header(3, 4096, 100, done=False)
     assert s.decode_chunk_header(data) == (0, c.NBD_REPLY_TYPE_OFFSET_DATA, 3, 108) and data[20:] == struct.pack(">Q", 4096)
+    assert s.DATA_CHUNK.pack(s.DATA_MAGIC_DONE, 3, 108, 4096) == s.data_chunk_header(3, 4096, 100, done=True)
     hole = s.hole_chunk(3, 0, 65536, done=True)
     assert s.decode_chunk_header(hole) == (1, c.NBD_REPLY_TYPE_OFFSET_HOLE, 3, 12) and hole[20:] == struct.pack(">QI", 0, 65536)
     bs = s.block_status_chunk(4, 2, [(512, 3), (1024, 0)], done=True)
