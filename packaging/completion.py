@@ -89,7 +89,7 @@ def positional_kind(parser: argparse.ArgumentParser) -> str:
         return "none"
     if any("DEVICE" in n for n in names):
         return "attached"
-    if all(n in ("IMAGE", "CHILD", "PARENT") for n in names):
+    if all(any(word in n for word in ("IMAGE", "CHILD", "PARENT")) for n in names):
         return "images"
     return "files"
 

@@ -82,6 +82,7 @@ def test_image_paths(scripts: dict[str, Path], tmp_path: Path) -> None:
     # Image arguments: *.vhd (either case) and directories to descend into.
     assert complete(scripts, "vhdblkctl info ", tmp_path) == ["B.VHD", "a.vhd", "sub"]
     assert complete(scripts, "vhdblkctl create --parent ", tmp_path) == ["B.VHD", "a.vhd", "sub"]
+    assert complete(scripts, "vhdblkctl set-parent a.vhd ", tmp_path) == ["B.VHD", "a.vhd", "sub"]
     # convert reads and writes raw files too.
     assert complete(scripts, "vhdblkctl convert a.vhd ", tmp_path) == ["B.VHD", "a.vhd", "notes.txt", "sub"]
     # A value that is not a path completes to nothing, not to file names.

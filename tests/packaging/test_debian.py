@@ -56,4 +56,5 @@ def test_every_packaged_file_is_installed() -> None:
         for path in (REPO / "packaging" / folder).iterdir():
             rel = str(path.relative_to(REPO))
             assert any(Path(rel).match(p) for p in patterns), f"{rel} is not in debian/vhdblkd.install"
-    assert "etc/vhdtab etc/vhdblkd/" in install
+    # Everything in etc/ becomes a conffile in /etc/vhdblkd/ (the vhdtab among them).
+    assert "etc/* etc/vhdblkd/" in install and (REPO / "etc" / "vhdtab").is_file()
