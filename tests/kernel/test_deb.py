@@ -235,7 +235,9 @@ def _boot_installed(srv: Path, deb: Path) -> BootResult:
 def _boot_lifecycle(srv: Path, deb: Path) -> BootResult:
     _vhdblkctl("create", "--size", "64M", str(srv / "data.vhd"))
     (srv / "pattern").write_bytes(os.urandom(1 << 20))
-    (srv / "check.sh").write_text(LIFECYCLE_CHECK.replace('"$DEB"', f'"{deb}"'))
+    # Booted systemd empties /tmp (tmpfiles' `D /tmp`), where a checkout may live: install from the shared dir.
+    shutil.copy2(deb, srv / deb.name)
+    (srv / "check.sh").write_text(LIFECYCLE_CHECK.replace('"$DEB"', f'"/srv/test/{deb.name}"'))
     files = {
         "/etc/systemd/system/vhdblkd-deb-check.service": check_unit("vhdblkd package lifecycle", "/srv/test/check.sh"),
     }
