@@ -1,4 +1,4 @@
-"""ublk on Debian's 6.12 kernel: file systems on all three image kinds, read-only, two queues under fio,
+"""ublk on Debian's 6.12 kernel: file systems on all three image kinds, read-only, two queues under fio, the daemon,
 release and recovery, kill -9 under a mounted ext4, SIGTERM, a full host disk.
 
 One guest boot runs tests/kernel/ublk_guest.py, which leaves a result file
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.ublk]
 def out(debian_guest: Callable[..., GuestResult], tmp_path_factory: pytest.TempPathFactory) -> Path:
     share = tmp_path_factory.mktemp("ublk")
     result = debian_guest(
-        f"python tests/kernel/ublk_guest.py {share}", shares=[share], modules=("ublk_drv",), timeout=1200
+        f"python tests/kernel/ublk_guest.py {share}", shares=[share], modules=("ublk_drv", "nbd"), timeout=1500
     )
     (share / "guest-output.txt").write_text(result.stdout + result.stderr)
     return share
@@ -108,3 +108,19 @@ def test_full_host_disk_under_a_dynamic_image(out: Path) -> None:
     assert r["again_rc"] == 0, f"writes did not work again once space was back: {r['again_err']}"
     assert r["check_clean"], r["check"]
     assert check_image(r["image"]).clean
+
+
+def test_daemon_attaches_over_ublk_and_survives_kill_9(out: Path) -> None:
+    r = _result(out, "daemon")
+    assert r["device"].startswith("/dev/ublkb")
+    assert [(a["transport"], a["connections"]) for a in r["listed"]] == [("ublk", 2)]
+    assert r["writer_rc"] == 0, "the fsync'ing writer saw an error across the daemon's kill -9"
+    assert r["acked"] > r["acked_at_kill"], "no record was written after the restarted daemon took the device back"
+    assert r["detach_rc"] == 0, r["detach_err"]
+    assert r["daemon_rc"] == 0 and r["device_gone"]
+    assert check_image(r["image"]).clean
+    raw = out / "daemon.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", r["image"], str(raw)], check=True)
+    lines = _debugfs_cat(raw, "log").decode().splitlines()
+    assert len(lines) >= r["acked"]
+    assert lines == [f"record {i}" for i in range(1, len(lines) + 1)]

@@ -188,6 +188,51 @@ def check_full_disk(out: Path) -> dict[str, Any]:
             "again_err": again.stderr[-500:], "check_clean": report.clean, "check": str(report.problems), "image": str(out / "full.vhd")}
 
 
+def check_daemon(out: Path) -> dict[str, Any]:
+    """Through vhdblkd: attach --transport ublk, kill -9 the daemon under a mounted ext4, restart, detach."""
+    path = str(out / "daemon.vhd")
+    create_dynamic(path, 64 * MiB)
+    env = {**os.environ, "VHDBLKD_CONTROL": "/run/vd/control.sock"}
+    os.makedirs("/run/vd", exist_ok=True)
+    (out / "vhdtab").write_text("")
+    bindir = Path(sys.executable).parent
+    ctl = [str(bindir / "vhdblkctl")]
+
+    def start() -> subprocess.Popen[bytes]:
+        log = open(out / "daemon.log", "ab")  # noqa: SIM115 - the daemon's output for the host
+        d = subprocess.Popen([str(bindir / "vhdblkd"), "run", "--config", str(out / "vhdtab"), "--control",
+                              env["VHDBLKD_CONTROL"], "--state-dir", "/run/vd"], env=env, stdout=log, stderr=log)
+        for _ in range(600):
+            if subprocess.run([*ctl, "status"], env=env, capture_output=True).returncode == 0:
+                return d
+            time.sleep(0.2)
+        raise RuntimeError("vhdblkd did not come up")
+
+    daemon = start()
+    attach = subprocess.run([*ctl, "attach", "--transport", "ublk", "--queues", "2", path], env=env,
+                            capture_output=True, text=True, check=True)
+    dev = attach.stdout.strip()
+    listed = subprocess.run([*ctl, "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    sh(f"mkfs.ext4 -q {dev} && mkdir -p /mnt/daemon && mount {dev} /mnt/daemon")
+    acked = out / "daemon.acked"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, "/mnt/daemon/log", str(acked)])
+    _wait_acked(acked, 3)
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    at_kill = int(acked.read_text() or 0)
+    daemon = start()
+    _wait_acked(acked, at_kill + 3)
+    writer.send_signal(signal.SIGTERM)
+    writer_rc = writer.wait(60)
+    sh("umount /mnt/daemon")
+    detach = subprocess.run([*ctl, "detach", dev], env=env, capture_output=True, text=True)
+    daemon.send_signal(signal.SIGTERM)
+    daemon_rc = daemon.wait(60)
+    return {"image": path, "device": dev, "listed": json.loads(listed), "writer_rc": writer_rc,
+            "acked_at_kill": at_kill, "acked": int(acked.read_text()), "detach_rc": detach.returncode,
+            "detach_err": detach.stderr, "daemon_rc": daemon_rc, "device_gone": not os.path.exists(dev)}
+
+
 _WRITER = """
 import os, signal, sys
 log, acked = sys.argv[1], sys.argv[2]
@@ -236,6 +281,7 @@ CHECKS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "release_recover": check_release_and_recover,
     "kill_recovery": check_kill_recovery,
     "full_disk": check_full_disk,
+    "daemon": check_daemon,
 }
 
 
