@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DaemonError, VhdblkError
+from ..fsutil import remove_quietly
 from .protocol import LineDecoder, ProtocolViolation, decode_request, encode, error_reply
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class ControlServer:
         try:
             probe.connect(str(self.path))
         except OSError:
-            os.unlink(self.path)  # nobody listens: a leftover from a crash
+            remove_quietly(self.path)  # nobody listens: a leftover from a crash
             return
         finally:
             probe.close()
@@ -108,10 +109,7 @@ class ControlServer:
             except OSError:
                 pass
             listener.close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(self.path)
         with self._lock:
             clients = list(self._clients)
         for client in clients:

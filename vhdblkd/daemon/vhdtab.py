@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fsutil import fsync_directory
 
 DEFAULT_CONFIG = Path("/etc/vhdblkd/vhdtab")
 CONFIG_ENV = "VHDBLKD_CONFIG"
@@ -283,11 +284,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_directory(path.parent)
 
 
 def check_appendable(path: Path, table: Vhdtab, entry: VhdtabEntry) -> None:

@@ -19,6 +19,7 @@ import threading
 import time
 
 from ..errors import ConfigError
+from ..fsutil import remove_quietly
 from .connection import serve_connection
 from .export import Export, Stats, transmission_flags
 from .negotiate import Catalog
@@ -67,7 +68,7 @@ class SocketServer:
                 try:
                     probe.connect(path)
                 except ConnectionRefusedError:
-                    os.unlink(path)  # a stale socket left by a server that died
+                    remove_quietly(path)  # a stale socket left by a server that died
                 else:
                     raise ConfigError(f"{path}: another server is already listening on this socket")
                 finally:
@@ -178,10 +179,7 @@ class SocketServer:
             for thread in threads:
                 thread.join()
         if self._unix_path is not None:
-            try:
-                os.unlink(self._unix_path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(self._unix_path)
         self._flush_exports()
 
     def _flush_exports(self) -> None:
