@@ -372,6 +372,10 @@ DEFAULT_MASK = (
     "ssh.service",
     "postgresql.service",
     "postgresql@.service",
+    # binfmt_misc is a module in UML; its mount can fail under load and nothing here runs foreign binaries.
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
 )
 
 
