@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
+
+BACKEND_PREFIX = "vhdblkd:"
+UBLK_NAMES = Path("/run/vhdblkd/ublk")
+EXIT_IN_USE = 3
 
 
 def _dev_numbers(sys_block: Path) -> set[str]:
@@ -88,3 +93,49 @@ def device_in_use(
         return None  # no node (e.g. in tests) or another error: nothing claims it that we can see
     os.close(fd)
     return None
+
+
+def _our_name(sys_block: Path, ublk_names: Path) -> str | None:
+    """NAME when the disk is connected and carries vhdblkd:NAME (nbd backend, or the ublk name file)."""
+    try:
+        if int((sys_block / "size").read_text()) == 0:
+            return None  # an nbd device nobody serves
+        source = sys_block / "backend" if sys_block.name.startswith("nbd") else ublk_names / sys_block.name
+        identifier = source.read_text().strip()
+    except (OSError, ValueError):
+        return None
+    return identifier[len(BACKEND_PREFIX) :] if identifier.startswith(BACKEND_PREFIX) else None
+
+
+def busy_devices(
+    *,
+    sys_root: Path = Path("/sys/block"),
+    mountinfo: Path = Path("/proc/self/mountinfo"),
+    dev_root: Path = Path("/dev"),
+    ublk_names: Path = UBLK_NAMES,
+) -> list[tuple[str, str, str]]:
+    """(disk, attachment name, reason) for every vhdblkd device in use, served now or left waiting."""
+    found: list[tuple[str, str, str]] = []
+    try:
+        disks = sorted(d for d in sys_root.iterdir() if d.name.startswith(("nbd", "ublkb")))
+    except OSError:
+        return found
+    for sys_block in disks:
+        name = _our_name(sys_block, ublk_names)
+        if name is None:
+            continue
+        reason = device_in_use(sys_block.name, sys_root=sys_root, mountinfo=mountinfo, dev_root=dev_root)
+        if reason is not None:
+            found.append((sys_block.name, name, reason))
+    return found
+
+
+def main() -> int:
+    busy = busy_devices()
+    for disk, name, reason in busy:
+        print(f"  /dev/{disk} ({name}): {reason}")
+    return EXIT_IN_USE if busy else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
