@@ -1,4 +1,4 @@
-"""The Debian package in a real systemd boot (user-mode Linux): install, boot, remove, purge.
+"""The Debian package in a real systemd boot (user-mode Linux): install, boot, export, upgrade, remove, purge.
 
 Two guests boot at once (each on its own throwaway overlay of the host root,
 so nothing is installed on the host):
@@ -13,10 +13,17 @@ so nothing is installed on the host):
   written before `systemctl poweroff` is in the image afterwards.
 * "lifecycle": the package is installed into the running system (the
   postinst starts the service, which attaches nothing: the vhdtab is the
-  commented example); a vhdtab line and `systemctl reload` attach an image;
-  data written to the device without any sync is in the image after
-  `dpkg -r` (the service flushed it before letting the device go); `dpkg -P`
-  leaves no file of the package behind, and the image is untouched.
+  commented example).  An export instance from the packaged
+  vhdblkd-export@.service serves an image to nbd-client and nbdinfo.  A
+  vhdtab line and `systemctl reload` attach two images; one is mounted with
+  a writer fsyncing into it while a second build of the package with a
+  higher version is installed over the first: the daemon restarts on the new
+  code, the device and the mount stay, the writer sees no error.  `dpkg -r`
+  then refuses (the mount, the running export) and changes nothing; after an
+  unmount and a stop of the export it removes the package, and data written
+  to the other device without any sync is in its image (the service flushed
+  it before letting the device go).  `dpkg -P` leaves no file of the package
+  behind, and the images are untouched.
 """
 
 from __future__ import annotations
@@ -30,14 +37,27 @@ from pathlib import Path
 
 import pytest
 
+from .boot_setup import (
+    CHECK_PREAMBLE,
+    PUBLISH,
+    MiB,
+    ext4_vhd,
+    file_in_image,
+    pattern_vhd,
+    results,
+    vhd_size,
+    vhdblkctl,
+)
 from .uml import REPO_ROOT, BootResult, boot_systemd, check_unit
 
 pytestmark = pytest.mark.kernel
 
-VENV_BIN = REPO_ROOT / ".venv" / "bin"
 MARKER = "made on the host before boot\n"
 WRITTEN = "written while booted from the package, flushed at poweroff\n"
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# The second build installed over the first: the same files, a higher version.
+UPGRADE_SUFFIX = "+upgrade1"
+EXPORT_OFFSET = MiB
 
 
 def _version() -> str:
@@ -62,6 +82,21 @@ def package() -> Path:
     return deb
 
 
+def upgrade_package(deb: Path, out: Path) -> Path:
+    """`deb` rebuilt with a higher version (VERSION+upgrade1), as a next release would be."""
+    tree = out / "upgrade-tree"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True, timeout=120)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = _version()
+    assert f"\nVersion: {version}\n" in text, text
+    control.write_text(text.replace(f"\nVersion: {version}\n", f"\nVersion: {version}{UPGRADE_SUFFIX}\n"))
+    newer = out / f"vhdblkd_{version}{UPGRADE_SUFFIX}_all.deb"
+    subprocess.run(["dpkg-deb", "-b", str(tree), str(newer)], check=True, timeout=300, capture_output=True)
+    shutil.rmtree(tree)
+    return newer
+
+
 def recommended_fstab_options() -> str:
     """The options of the first by-vhd fstab line in README.md: the test mounts the way users are told to."""
     readme = (REPO_ROOT / "README.md").read_text()
@@ -70,37 +105,8 @@ def recommended_fstab_options() -> str:
     return m.group(1)
 
 
-def _vhdblkctl(*args: str) -> None:
-    subprocess.run([str(VENV_BIN / "vhdblkctl"), *args], check=True, timeout=120, capture_output=True)
-
-
-def _ext4_image(srv: Path) -> Path:
-    content = srv / "content"
-    content.mkdir()
-    (content / "marker").write_text(MARKER)
-    raw = srv / "data.raw"
-    with raw.open("wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(raw)], check=True, timeout=60)
-    image = srv / "data.vhd"
-    _vhdblkctl("convert", str(raw), str(image))
-    raw.unlink()
-    shutil.rmtree(content)
-    return image
-
-
-def _raw_of(image: Path, tmp: Path) -> Path:
-    raw = tmp / f"{image.stem}.readback.raw"
-    raw.unlink(missing_ok=True)
-    _vhdblkctl("convert", "--to", "raw", str(image), str(raw))
-    return raw
-
-
-# Both guests: the result file is key=value lines; `kv` appends one.
-PREAMBLE = r"""#!/bin/bash
-out=/srv/test/result.tmp
-: >"$out"
-kv() { printf '%s=%s\n' "$1" "$2" >>"$out"; }
+# Both guests: `names` lists the daemon's attachments.
+PREAMBLE = CHECK_PREAMBLE + r"""
 names() {
     /usr/bin/vhdblkctl list --json >/run/list.json 2>&1 || { echo "list failed: $(cat /run/list.json)"; return; }
     python3 -c 'import json, sys; print(" ".join(a["name"] for a in json.load(sys.stdin)))' </run/list.json
@@ -137,8 +143,7 @@ _vhdblkctl
 printf "%s\n" "${COMPREPLY[@]}"' >/srv/test/completion.txt 2>&1
 kv completion_rc "$?"
 printf 'written while booted from the package, flushed at poweroff\n' >/mnt/vhd/written
-mv "$out" /srv/test/result
-"""
+""" + PUBLISH
 
 # Files whose names say vhd, in the places a package puts files and a daemon
 # leaves state: compared before the install and after the purge.
@@ -148,8 +153,12 @@ LISTING = (
     "/var/lib/systemd /run"
 )
 
-LIFECYCLE_CHECK = PREAMBLE + rf"""
-listing() {{ find {LISTING} -xdev -name '*vhd*' 2>/dev/null | sort; }}
+# $DEB and $UPGRADE name the two builds in /srv/test; @LISTING@ is LISTING.
+LIFECYCLE_CHECK = PREAMBLE + r"""
+listing() { find @LISTING@ -xdev -name '*vhd*' 2>/dev/null | sort; }
+wait_link() { for i in $(seq 150); do [ -e "/dev/disk/by-vhd/$1" ] && return 0; sleep 0.2; done; return 1; }
+mount_id() { awk '$5 == "/mnt/fs" {print $1}' /proc/self/mountinfo; }
+written() { cat /run/writer.count 2>/dev/null || echo 0; }
 before=$(listing)
 printf '%s\n' "$before" >/srv/test/before.txt
 t=$SECONDS
@@ -159,13 +168,101 @@ kv install_seconds "$((SECONDS - t))"
 kv enabled "$(systemctl is-enabled vhdblkd.service)"
 kv active "$(systemctl show -P ActiveState vhdblkd.service)"
 kv names_after_install "$(names 2>&1)"
-printf 'data /srv/test/data.vhd\n' >>/etc/vhdblkd/vhdtab
+
+# The export service, from the packaged unit and a configuration made from the packaged example.
+kv example_conf "$(grep -c '^VHDBLKD_EXPORT_ARGS=' /etc/vhdblkd/export/example.conf)"
+printf 'VHDBLKD_EXPORT_ARGS=--unix /run/vhdblkd-export/disk.sock disk=/srv/test/export.vhd\n' \
+    >/etc/vhdblkd/export/disk.conf
+systemctl enable --now vhdblkd-export@disk.service >/srv/test/export-start.log 2>&1
+kv export_start_rc "$?"
+kv export_active "$(systemctl show -P ActiveState vhdblkd-export@disk.service)"
+kv export_unit_path "$(systemctl show -P FragmentPath vhdblkd-export@disk.service)"
+kv export_cmdline "$(tr '\0' ' ' </proc/$(systemctl show -P MainPID vhdblkd-export@disk.service)/cmdline)"
+modprobe nbd
+kv nbds_max "$(cat /sys/module/nbd/parameters/nbds_max 2>&1)"
+# The last device: the daemon takes the lowest free ones.
+nbd-client -u /run/vhdblkd-export/disk.sock /dev/nbd31 -N disk >/srv/test/nbd-client.log 2>&1
+kv nbd_client_rc "$?"
+dd if=/dev/nbd31 of=/srv/test/export.read bs=64k count=1 skip=16 iflag=direct 2>/srv/test/export-dd.log
+kv export_read_rc "$?"
+nbd-client -d /dev/nbd31 >>/srv/test/nbd-client.log 2>&1
+kv nbd_client_disconnect_rc "$?"
+if command -v nbdinfo >/dev/null; then
+    uri='nbd+unix:///disk?socket=/run/vhdblkd-export/disk.sock'
+    kv nbdinfo_size "$(nbdinfo --size "$uri" 2>&1)"
+    nbdinfo --map "$uri" >/srv/test/nbdinfo-map.txt 2>&1
+    kv nbdinfo_map_rc "$?"
+else
+    kv nbdinfo_size absent
+fi
+
+printf 'data /srv/test/data.vhd\nfs /srv/test/fs.vhd\n' >>/etc/vhdblkd/vhdtab
 systemctl reload vhdblkd.service
 kv reload_rc "$?"
-for i in $(seq 150); do [ -e /dev/disk/by-vhd/data ] && break; sleep 0.2; done
+wait_link data && wait_link fs
 dev=$(readlink -f /dev/disk/by-vhd/data)
+fsdev=$(readlink -f /dev/disk/by-vhd/fs)
 kv device "$dev"
+kv fs_device "$fsdev"
 kv names_after_reload "$(names 2>&1)"
+
+# An upgrade under a mounted file system with a writer fsyncing every 100 ms.
+mkdir -p /mnt/fs
+mount "$fsdev" /mnt/fs
+kv mount_rc "$?"
+kv mount_id "$(mount_id)"
+printf 'written before the upgrade\n' >/mnt/fs/before-upgrade
+sync -f /mnt/fs/before-upgrade
+(
+    i=0
+    while [ ! -e /run/writer.stop ]; do
+        printf 'record %06d\n' "$i" >>/mnt/fs/log && sync -f /mnt/fs/log || { echo "error at record $i" >/srv/test/writer.err; exit 1; }
+        i=$((i + 1)); echo "$i" >/run/writer.count
+        sleep 0.1
+    done
+) &
+writer=$!
+sleep 2
+kv written_before_upgrade "$(written)"
+pid1=$(systemctl show -P MainPID vhdblkd.service)
+t=$SECONDS
+dpkg -i "$UPGRADE" >/srv/test/upgrade.log 2>&1
+kv upgrade_rc "$?"
+kv upgrade_seconds "$((SECONDS - t))"
+kv version_after_upgrade "$(dpkg-query -W -f='${Version}' vhdblkd)"
+pid2=$(systemctl show -P MainPID vhdblkd.service)
+kv upgrade_new_pid "$( [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] && echo yes)"
+kv upgrade_active "$(systemctl show -P ActiveState vhdblkd.service)"
+kv upgrade_fs_device "$(readlink -f /dev/disk/by-vhd/fs)"
+kv upgrade_mount_id "$(mount_id)"
+kv upgrade_names "$(names 2>&1)"
+kv upgrade_export_active "$(systemctl show -P ActiveState vhdblkd-export@disk.service)"
+n=$(written)
+sleep 2
+kv writing_after_upgrade "$( [ "$(written)" -gt "$n" ] && echo yes)"
+printf 'written after the upgrade\n' >/mnt/fs/after-upgrade
+sync -f /mnt/fs/after-upgrade
+kv after_upgrade_sync_rc "$?"
+
+# A removal while the file system is mounted and the export runs: refused, nothing changes.
+dpkg -r vhdblkd >/srv/test/remove-refused.log 2>&1
+kv refused_rc "$?"
+kv refused_status "$(dpkg-query -W -f='${db:Status-Status} ${Version}' vhdblkd 2>&1)"
+kv refused_active "$(systemctl show -P ActiveState vhdblkd.service)"
+kv refused_export_active "$(systemctl show -P ActiveState vhdblkd-export@disk.service)"
+kv refused_mount_id "$(mount_id)"
+n=$(written)
+sleep 2
+kv writing_after_refusal "$( [ "$(written)" -gt "$n" ] && echo yes)"
+touch /run/writer.stop
+wait $writer
+kv writer_rc "$?"
+kv writer_records "$(written)"
+umount /mnt/fs
+kv umount_rc "$?"
+systemctl disable --now vhdblkd-export@disk.service >/srv/test/export-stop.log 2>&1
+kv export_stop_rc "$?"
+
 # Through the page cache, no sync: only the service's own flush can get it to the image.
 cat /srv/test/pattern >"$dev"
 kv write_rc "$?"
@@ -175,22 +272,23 @@ kv remove_rc "$?"
 kv remove_seconds "$((SECONDS - t))"
 kv active_after_remove "$(systemctl show -P ActiveState vhdblkd.service)"
 kv load_after_remove "$(systemctl show -P LoadState vhdblkd.service)"
-kv size_after_remove "$(cat /sys/block/${{dev#/dev/}}/size 2>&1)"
+kv size_after_remove "$(cat /sys/block/${dev#/dev/}/size 2>&1)"
+kv fs_size_after_remove "$(cat /sys/block/${fsdev#/dev/}/size 2>&1)"
 kv link_after_remove "$([ -e /dev/disk/by-vhd/data ] && echo present || echo gone)"
 kv bin_after_remove "$([ -e /usr/bin/vhdblkd ] && echo present || echo gone)"
 kv conffile_after_remove "$([ -f /etc/vhdblkd/vhdtab ] && echo kept || echo gone)"
+kv export_conf_after_remove "$([ -f /etc/vhdblkd/export/disk.conf ] && echo kept || echo gone)"
 t=$SECONDS
 dpkg -P vhdblkd >/srv/test/purge.log 2>&1
 kv purge_rc "$?"
 kv purge_seconds "$((SECONDS - t))"
-kv status_after_purge "$(dpkg-query -W -f='${{db:Status-Status}}' vhdblkd 2>/dev/null || echo not-installed)"
+kv status_after_purge "$(dpkg-query -W -f='${db:Status-Status}' vhdblkd 2>/dev/null || echo not-installed)"
 after=$(listing)
 printf '%s\n' "$after" >/srv/test/after.txt
 kv left_behind "$(comm -13 <(printf '%s\n' "$before") <(printf '%s\n' "$after") | tr '\n' ' ')"
 kv removed_too_much "$(comm -23 <(printf '%s\n' "$before") <(printf '%s\n' "$after") | tr '\n' ' ')"
-kv image_kept "$([ -f /srv/test/data.vhd ] && echo yes || echo no)"
-mv "$out" /srv/test/result
-"""
+kv image_kept "$([ -f /srv/test/data.vhd ] && [ -f /srv/test/fs.vhd ] && [ -f /srv/test/export.vhd ] && echo yes || echo no)"
+""" + PUBLISH
 
 # The guest's root is an overlay of the host's, which may be a container
 # image: drop what such images add and a Debian system does not have (a
@@ -214,7 +312,7 @@ umount "$NEWROOT/run" "$NEWROOT/dev" "$NEWROOT/sys" "$NEWROOT/proc"
 
 
 def _boot_installed(srv: Path, deb: Path) -> BootResult:
-    _ext4_image(srv)
+    ext4_vhd(srv, "data", {"marker": MARKER})
     (srv / "check.sh").write_text(INSTALLED_CHECK)
     files = {
         "/etc/fstab": f"/dev/disk/by-vhd/data /mnt/vhd ext4 {recommended_fstab_options()} 0 2\n",
@@ -233,11 +331,18 @@ def _boot_installed(srv: Path, deb: Path) -> BootResult:
 
 
 def _boot_lifecycle(srv: Path, deb: Path) -> BootResult:
-    _vhdblkctl("create", "--size", "64M", str(srv / "data.vhd"))
+    vhdblkctl("create", "--size", "64M", str(srv / "data.vhd"))
+    ext4_vhd(srv, "fs", {"marker": MARKER})
+    export_pattern = os.urandom(64 * 1024)
+    pattern_vhd(srv / "export.vhd", EXPORT_OFFSET, export_pattern)
+    (srv / "export.pattern").write_bytes(export_pattern)
     (srv / "pattern").write_bytes(os.urandom(1 << 20))
     # Booted systemd empties /tmp (tmpfiles' `D /tmp`), where a checkout may live: install from the shared dir.
     shutil.copy2(deb, srv / deb.name)
-    (srv / "check.sh").write_text(LIFECYCLE_CHECK.replace('"$DEB"', f'"/srv/test/{deb.name}"'))
+    newer = upgrade_package(deb, srv)
+    script = LIFECYCLE_CHECK.replace("@LISTING@", LISTING)
+    script = script.replace('"$DEB"', f'"/srv/test/{deb.name}"').replace('"$UPGRADE"', f'"/srv/test/{newer.name}"')
+    (srv / "check.sh").write_text(script)
     files = {
         "/etc/systemd/system/vhdblkd-deb-check.service": check_unit("vhdblkd package lifecycle", "/srv/test/check.sh"),
     }
@@ -267,19 +372,22 @@ def boots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootResult]:
         return {"installed": installed.result(), "lifecycle": lifecycle.result()}
 
 
-def _results(boot: BootResult) -> dict[str, str]:
-    text = boot.result
-    assert text is not None, (
-        f"the guest never wrote its results\n--- setup ---\n{boot.read('setup.out')[-3000:]}\n"
-        f"--- console ---\n{boot.console[-8000:]}"
-    )
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+def test_package_installs_the_export_unit_and_its_example_as_a_conffile() -> None:
+    deb = package()
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    assert "/lib/systemd/system/vhdblkd-export@.service" in paths, listing
+    assert "/etc/vhdblkd/export/example.conf" in paths, listing
+    conffiles = subprocess.run(
+        ["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert sorted(conffiles) == ["/etc/vhdblkd/export/example.conf", "/etc/vhdblkd/vhdtab"]
 
 
 def test_installed_package_mounts_the_image_at_boot(boots: dict[str, BootResult]) -> None:
     boot = boots["installed"]
     assert boot.read("install.rc").strip() == "0", boot.read("install.log")
-    r = _results(boot)
+    r = results(boot)
     assert r["enabled"] == "enabled", r
     assert r["active"] == "active", r
     assert r["unit_path"] == "/lib/systemd/system/vhdblkd.service", r
@@ -291,7 +399,7 @@ def test_installed_package_mounts_the_image_at_boot(boots: dict[str, BootResult]
 
 
 def test_daemon_runs_on_debians_python_and_pyroute2(boots: dict[str, BootResult]) -> None:
-    r = _results(boots["installed"])
+    r = results(boots["installed"])
     assert r["daemon_cmdline"].split()[:3] == ["/usr/bin/python3", "/usr/bin/vhdblkd", "run"], r
     assert r["shebang"] == "#!/usr/bin/python3", r
     assert r["pyroute2_version"].startswith("0.7.2"), r  # bookworm's, the version the package depends on
@@ -302,17 +410,21 @@ def test_daemon_runs_on_debians_python_and_pyroute2(boots: dict[str, BootResult]
 
 def test_man_pages_render(boots: dict[str, BootResult]) -> None:
     boot = boots["installed"]
-    r = _results(boot)
+    r = results(boot)
     assert (r["man_vhdblkctl"], r["man_vhdblkd"], r["man_vhdtab"]) == ("0", "0", "0"), r
     ctl = boot.read("man-vhdblkctl.txt")
     assert "VHDBLKCTL(8)" in ctl and "vhdblkctl attach" in ctl and "EXIT STATUS" in ctl, ctl[:2000]
-    assert "vhdblkd export" in boot.read("man-vhdblkd.txt")
+    daemon = " ".join(boot.read("man-vhdblkd.txt").split())
+    assert "vhdblkd export" in daemon
+    # How to run the export service, and what an upgrade and a removal do.
+    assert "systemctl enable --now vhdblkd-export@images" in daemon, daemon
+    assert "/etc/vhdblkd/export/example.conf" in daemon and "PACKAGE UPGRADE AND REMOVAL" in daemon, daemon
     assert "dead_conn_timeout" in boot.read("man-vhdtab.txt")
 
 
 def test_completion_offers_the_attached_device(boots: dict[str, BootResult]) -> None:
     boot = boots["installed"]
-    r = _results(boot)
+    r = results(boot)
     offered = boot.read("completion.txt").split()
     assert r["completion_rc"] == "0", offered
     assert r["link"] in offered and "data" in offered, offered
@@ -320,36 +432,96 @@ def test_completion_offers_the_attached_device(boots: dict[str, BootResult]) -> 
 
 def test_file_written_is_in_the_image_after_poweroff(boots: dict[str, BootResult], tmp_path: Path) -> None:
     boot = boots["installed"]
-    _results(boot)
+    results(boot)
     unmounted = boot.console.find("mnt-vhd.mount: Deactivated successfully")
     stopped = boot.console.find("vhdblkd.service: Deactivated successfully")
     assert unmounted != -1 and stopped != -1 and unmounted < stopped, boot.console[-8000:]
-    raw = _raw_of(boot.host_dir / "data.vhd", tmp_path)
-    done = subprocess.run(["debugfs", "-R", "cat /written", str(raw)], capture_output=True, text=True, timeout=60)
-    assert done.stdout == WRITTEN
+    assert file_in_image(boot.host_dir / "data.vhd", "/written", tmp_path) == WRITTEN
 
 
 def test_install_into_running_system_starts_the_service_with_nothing_attached(boots: dict[str, BootResult]) -> None:
     boot = boots["lifecycle"]
-    r = _results(boot)
+    r = results(boot)
     assert r["install_rc"] == "0", boot.read("install.log")
     assert (r["enabled"], r["active"]) == ("enabled", "active"), r
     assert r["names_after_install"] == "", r
-    assert r["reload_rc"] == "0" and r["names_after_reload"] == "data", r
-    assert r["device"].startswith("/dev/nbd") and r["write_rc"] == "0", r
+    assert r["reload_rc"] == "0" and r["names_after_reload"] == "data fs", r
+    assert r["device"].startswith("/dev/nbd") and r["fs_device"].startswith("/dev/nbd"), r
+
+
+def test_packaged_export_unit_serves_nbd_client(boots: dict[str, BootResult]) -> None:
+    boot = boots["lifecycle"]
+    r = results(boot)
+    assert r["example_conf"] == "1", r  # the packaged example sets the one variable the unit reads
+    assert r["export_start_rc"] == "0" and r["export_active"] == "active", (boot.read("export-start.log"), r)
+    assert r["export_unit_path"] == "/lib/systemd/system/vhdblkd-export@.service", r
+    assert r["export_cmdline"].split()[:3] == ["/usr/bin/python3", "/usr/bin/vhdblkd", "export"], r
+    assert r["nbds_max"] == "32", r
+    assert r["nbd_client_rc"] == "0" and r["export_read_rc"] == "0", (boot.read("nbd-client.log"), r)
+    assert (boot.host_dir / "export.read").read_bytes() == (boot.host_dir / "export.pattern").read_bytes()
+    assert r["nbd_client_disconnect_rc"] == "0", r
+    if r["nbdinfo_size"] != "absent":
+        assert r["nbdinfo_size"] == str(vhd_size(boot.host_dir / "export.vhd")), r
+        assert r["nbdinfo_map_rc"] == "0", boot.read("nbdinfo-map.txt")
+        # One 2 MiB block of the dynamic image is allocated: the map has data there and holes elsewhere.
+        kinds = {line.split()[-1] for line in boot.read("nbdinfo-map.txt").splitlines() if line.strip()}
+        assert "data" in kinds and "hole,zero" in kinds, boot.read("nbdinfo-map.txt")
+
+
+def test_upgrade_keeps_the_mounted_device_and_restarts_the_daemon(
+    boots: dict[str, BootResult], tmp_path: Path
+) -> None:
+    boot = boots["lifecycle"]
+    r = results(boot)
+    upgrade_log = boot.read("upgrade.log")
+    assert r["upgrade_rc"] == "0", upgrade_log
+    assert r["version_after_upgrade"] == _version() + UPGRADE_SUFFIX, r
+    assert r["upgrade_new_pid"] == "yes" and r["upgrade_active"] == "active", r
+    assert r["mount_rc"] == "0" and r["mount_id"] != "", r
+    assert r["upgrade_fs_device"] == r["fs_device"] and r["upgrade_mount_id"] == r["mount_id"], r
+    assert r["upgrade_names"] == "data fs", r
+    assert int(r["written_before_upgrade"]) > 0 and r["writing_after_upgrade"] == "yes", r
+    assert r["after_upgrade_sync_rc"] == "0", r
+    assert r["writer_rc"] == "0", boot.read("writer.err")
+    # The export instance is left running (a restart would drop its clients) and named.
+    assert r["upgrade_export_active"] == "active", r
+    assert "vhdblkd-export@disk.service" in upgrade_log and "when its clients can reconnect" in upgrade_log
+    image = boot.host_dir / "fs.vhd"
+    assert file_in_image(image, "/before-upgrade", tmp_path) == "written before the upgrade\n"
+    assert file_in_image(image, "/after-upgrade", tmp_path) == "written after the upgrade\n"
+    records = file_in_image(image, "/log", tmp_path).splitlines()
+    assert records == [f"record {i:06d}" for i in range(len(records))] and len(records) >= int(r["writer_records"])
+
+
+def test_remove_refuses_while_a_device_is_mounted_or_an_export_runs(boots: dict[str, BootResult]) -> None:
+    boot = boots["lifecycle"]
+    r = results(boot)
+    refused = boot.read("remove-refused.log")
+    assert r["refused_rc"] != "0", refused
+    assert f"{r['fs_device']} (fs): mounted on /mnt/fs" in refused, refused
+    assert "vhdblkd-export@disk.service is running" in refused, refused
+    assert "vhdblkctl detach NAME" in refused, refused
+    # Nothing changed: still installed and running, the file system carries on.
+    assert r["refused_status"] == f"installed {_version()}{UPGRADE_SUFFIX}", r
+    assert (r["refused_active"], r["refused_export_active"]) == ("active", "active"), r
+    assert r["refused_mount_id"] == r["mount_id"] and r["writing_after_refusal"] == "yes", r
+    assert f"{r['device']} (data)" not in refused  # not in use: a removal flushes and detaches it
 
 
 def test_remove_flushes_then_stops(boots: dict[str, BootResult], tmp_path: Path) -> None:
     boot = boots["lifecycle"]
-    r = _results(boot)
+    r = results(boot)
+    assert (r["umount_rc"], r["export_stop_rc"], r["write_rc"]) == ("0", "0", "0"), r
     assert r["remove_rc"] == "0", boot.read("remove.log")
     assert r["active_after_remove"] == "inactive", r
     assert r["load_after_remove"] == "not-found", r
-    assert r["size_after_remove"] == "0", r  # the device was let go
+    assert (r["size_after_remove"], r["fs_size_after_remove"]) == ("0", "0"), r  # the devices were let go
     assert r["link_after_remove"] == "gone", r
     assert r["bin_after_remove"] == "gone", r
-    assert r["conffile_after_remove"] == "kept", r  # removal keeps configuration; purge does not
-    raw = _raw_of(boot.host_dir / "data.vhd", tmp_path)
+    # Removal keeps configuration; purge does not.
+    assert (r["conffile_after_remove"], r["export_conf_after_remove"]) == ("kept", "kept"), r
+    raw = tmp_path / "data.raw"
+    vhdblkctl("convert", "--to", "raw", str(boot.host_dir / "data.vhd"), str(raw))
     pattern = (boot.host_dir / "pattern").read_bytes()
     with raw.open("rb") as f:
         assert f.read(len(pattern)) == pattern, "data written before `dpkg -r` is not in the image"
@@ -357,7 +529,7 @@ def test_remove_flushes_then_stops(boots: dict[str, BootResult], tmp_path: Path)
 
 def test_purge_removes_the_package_files_and_keeps_images(boots: dict[str, BootResult]) -> None:
     boot = boots["lifecycle"]
-    r = _results(boot)
+    r = results(boot)
     assert r["purge_rc"] == "0", boot.read("purge.log")
     assert r["status_after_purge"] == "not-installed", r
     assert r["left_behind"].strip() == "", r
