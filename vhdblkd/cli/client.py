@@ -11,9 +11,13 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 from ..errors import DaemonError
+
+# typing costs a tenth of `vhdblkctl list`; mypy treats any TYPE_CHECKING name as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_CONTROL = Path("/run/vhdblkd/control.sock")
 CONTROL_ENV = "VHDBLKD_CONTROL"

@@ -12,25 +12,23 @@ locked image, shrinking would lose data without --yes, wrong image type);
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..vhd import compact as vhd_compact
-from ..vhd import merge as vhd_merge
-from ..vhd import resize as vhd_resize
 from .image_cmds import EXIT_OK, guard  # the image commands' one policy for error lines and exit codes
-from .progress import ProgressBar
 from .sizes import SizeError, format_size, parse_size
+
+# The vhd engines are imported by the command that runs, not by the parser (see image_cmds).
 
 COMPACT_KEYS = ("path", "type", "blocks_before", "blocks_freed", "blocks_after", "file_size_before",
                 "file_size_after")
 RESIZE_KEYS = ("path", "type", "old_size", "new_size", "blocks_moved", "data_discarded")
 SNAPSHOT_KEYS = ("image", "snapshot", "read_only_parent")
 MERGE_KEYS = ("child", "parent", "blocks_merged", "bytes_merged", "child_removed", "live_image")
+
+
+COMMANDS = ("compact", "resize", "snapshot", "merge")  # what register() adds, in order
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,6 +91,8 @@ def _size_arg(text: str) -> int:
 @contextmanager
 def quiet_recovery(verbose: bool) -> Iterator[None]:
     """Moving blocks is what compact and resize are for: no warning per block unless -v."""
+    import logging
+
     logger = logging.getLogger("vhdblkd.vhd.recovery")
     old = logger.level
     if not verbose:
@@ -105,6 +105,8 @@ def quiet_recovery(verbose: bool) -> Iterator[None]:
 
 def _print(args: argparse.Namespace, result: dict[str, object], text: Callable[[], str]) -> None:
     if args.json:
+        import json
+
         json.dump(result, sys.stdout, indent=2, sort_keys=False)
         sys.stdout.write("\n")
     else:
@@ -116,6 +118,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
+    from ..vhd import compact as vhd_compact
+    from .progress import ProgressBar
+
     with quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("compact") as bar:
         r = vhd_compact.compact(args.image, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
     result: dict[str, object] = {
@@ -132,6 +137,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace) -> int:
+    from ..vhd import resize as vhd_resize
+    from .progress import ProgressBar
+
     with quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("resize") as bar:
         r = vhd_resize.resize(args.image, args.size, shrink=args.shrink, discard_data=args.yes, progress=bar)
     result: dict[str, object] = {
@@ -148,6 +156,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    from ..vhd import merge as vhd_merge
+
     vhd_merge.snapshot(args.image, args.new)
     result: dict[str, object] = {"image": args.image, "snapshot": args.new, "read_only_parent": True}
     _print(args, result, lambda: (
@@ -161,6 +171,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    import os
+
+    from ..vhd import merge as vhd_merge
+    from .progress import ProgressBar
+
     with ProgressBar("merge") as bar:
         r = vhd_merge.merge(args.child, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
     if args.remove:

@@ -7,16 +7,19 @@ not a differencing image); 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 
-from ..vhd import set_parent as vhd_set_parent
 from .image_cmds import guard
 from .maint_cmds import quiet_recovery
 from .parent_args import ALLOW_UNSAFE_PARENT_HELP
 
-SET_PARENT_KEYS = tuple(field.name for field in dataclasses.fields(vhd_set_parent.SetParentResult))
+# vhd.set_parent.SetParentResult's fields, written out so the parser imports no engine (a test keeps them equal).
+SET_PARENT_KEYS = ("child", "parent", "previous_parent", "parent_unique_id", "previous_parent_unique_id",
+                   "unique_id_updated", "parent_timestamp", "relative_locator", "absolute_locator", "blocks_moved",
+                   "outside_child_directory")
+
+
+COMMANDS = ("set-parent",)  # what register() adds, in order
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,6 +49,11 @@ def cmd_set_parent(args: argparse.Namespace) -> int:
 
 
 def _set_parent(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from ..vhd import set_parent as vhd_set_parent
+
     with quiet_recovery(bool(getattr(args, "verbose", False))):
         r = vhd_set_parent.set_parent(args.child, args.new_parent, ignore_id_mismatch=args.ignore_id_mismatch,
                                       allow_unsafe_parent=args.allow_unsafe_parent)

@@ -8,7 +8,6 @@ usually mean powers of ten elsewhere; "KiB"/"MiB"/... are accepted.
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
 UNIT_SHIFT = {"": 0, "B": 0, "K": 10, "M": 20, "G": 30, "T": 40}
 
@@ -37,6 +36,8 @@ def parse_size(text: str) -> int:
                 f"invalid size {text!r}: {match.group('unit')} is ambiguous; write {unit[0]} or {unit[0]}iB (binary units, 2**{UNIT_SHIFT[unit[0]]})"
             )
         raise SizeError(f"invalid size {text!r}: unknown unit {match.group('unit')!r}; use K, M, G or T (binary units)")
+    from fractions import Fraction  # with decimal, a tenth of `vhdblkctl --help`'s imports; only SIZE arguments need it
+
     value = Fraction(match.group("number")) * (1 << UNIT_SHIFT[unit])
     if value.denominator != 1:
         raise SizeError(f"invalid size {text!r}: it is not a whole number of bytes ({float(value)})")
