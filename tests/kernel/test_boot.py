@@ -21,18 +21,15 @@ One boot checks the packaging end to end:
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from .uml import REPO_ROOT, BootResult, boot_systemd, check_unit
+from .boot_setup import CHECK_PREAMBLE, PUBLISH, ext4_vhd, file_in_image, packaged_files, results, venv_programs
+from .uml import BootResult, boot_systemd, check_unit
 
 pytestmark = pytest.mark.kernel
 
-PACKAGING = REPO_ROOT / "packaging"
-VENV_BIN = REPO_ROOT / ".venv" / "bin"
 MARKER = "made on the host before boot\n"
 WRITTEN = "written while booted, flushed at poweroff\n"
 
@@ -72,11 +69,8 @@ while not stop:
 print("records", i, "slowest_fsync %.3f" % worst, flush=True)
 """
 
-CHECK_SCRIPT = r"""#!/bin/bash
 # Runs in the booted guest once multi-user.target is reached.
-out=/srv/test/result.tmp
-: >"$out"
-kv() { printf '%s=%s\n' "$1" "$2" >>"$out"; }
+CHECK_SCRIPT = CHECK_PREAMBLE + r"""
 acked() { wc -l </srv/test/acked 2>/dev/null || echo 0; }
 wait_acked() {  # wait_acked N SECONDS: until N more records are fsynced
     local goal=$(( $(acked) + $1 ))
@@ -177,32 +171,7 @@ kv link_after_crash "$(readlink -f /dev/disk/by-vhd/data)"
 kv attachments_after_crash "$(attachments)"
 kv mount_id_end "$(mount_id)"
 echo "GUEST-CHECK: done"
-mv "$out" /srv/test/result
-"""
-
-
-def _make_image(srv: Path) -> Path:
-    """A dynamic VHD holding an ext4 with a marker file, made with mke2fs -d and vhdblkctl."""
-    content = srv / "content"
-    content.mkdir()
-    (content / "marker").write_text(MARKER)
-    raw = srv / "data.raw"
-    with raw.open("wb") as f:
-        f.truncate(64 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(raw)], check=True, timeout=60)
-    image = srv / "data.vhd"
-    subprocess.run([str(VENV_BIN / "vhdblkctl"), "convert", str(raw), str(image)], check=True, timeout=120)
-    raw.unlink()
-    shutil.rmtree(content)
-    return image
-
-
-def _file_in_image(image: Path, inner: str, tmp: Path) -> str:
-    raw = tmp / "readback.raw"
-    raw.unlink(missing_ok=True)
-    subprocess.run([str(VENV_BIN / "vhdblkctl"), "convert", "--to", "raw", str(image), str(raw)], check=True, timeout=120)
-    done = subprocess.run(["debugfs", "-R", f"cat {inner}", str(raw)], capture_output=True, text=True, timeout=60)
-    return done.stdout
+""" + PUBLISH
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +181,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
     _require_uml()
     srv = tmp_path_factory.mktemp("boot") / "srv"
     srv.mkdir()
-    image = _make_image(srv)
+    image = ext4_vhd(srv, "data", {"marker": MARKER})
     (srv / "check.sh").write_text(CHECK_SCRIPT)
     (srv / "writer.py").write_text(WRITER)
     files = {
@@ -221,22 +190,15 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
             "/dev/disk/by-vhd/data /mnt/vhd ext4 "
             "x-systemd.after=vhdblkd.service,x-systemd.device-timeout=90s 0 2\n"
         ),
-        "/etc/systemd/system/vhdblkd.service": (PACKAGING / "systemd/vhdblkd.service").read_text(),
-        "/etc/modules-load.d/vhdblkd.conf": (PACKAGING / "modules-load.d/vhdblkd.conf").read_text(),
-        "/etc/modprobe.d/vhdblkd.conf": (PACKAGING / "modprobe.d/vhdblkd.conf").read_text(),
-        "/etc/udev/rules.d/61-vhdblkd.rules": (PACKAGING / "udev/61-vhdblkd.rules").read_text(),
+        **packaged_files(),
         "/etc/systemd/system/vhdblkd-boot-check.service": check_unit(
             "vhdblkd boot checks", "/srv/test/check.sh", after=("multi-user.target", "vhdblkd.service")
         ).replace("TimeoutStartSec=5min", "TimeoutStartSec=12min"),
     }
     # The unit's ExecStart is /usr/bin/vhdblkd, as for a system-wide install;
     # in the guest's overlay that path leads to the project's venv.
-    setup = (
-        f'ln -sf {VENV_BIN / "vhdblkd"} "$NEWROOT/usr/bin/vhdblkd"\n'
-        f'ln -sf {VENV_BIN / "vhdblkctl"} "$NEWROOT/usr/bin/vhdblkctl"\n'
-    )
     result = boot_systemd(
-        setup,
+        venv_programs("vhdblkd", "vhdblkctl"),
         host_dir=srv,
         files=files,
         enable=["vhdblkd.service", "vhdblkd-boot-check.service"],
@@ -247,10 +209,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
 
 
 def _results(booted: tuple[BootResult, Path]) -> dict[str, str]:
-    result, _ = booted
-    text = result.result
-    assert text is not None, f"the guest never wrote its results\n--- console ---\n{result.console[-8000:]}"
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return results(booted[0])
 
 
 def test_service_came_up_through_notify(booted: tuple[BootResult, Path]) -> None:
@@ -334,7 +293,7 @@ def test_the_writer_saw_no_error_and_every_fsynced_record_is_in_the_image(
     rows = [line.split() for line in result.read("acked").splitlines()]
     acked = [int(row[0]) for row in rows]
     assert len(acked) >= 50 and acked == list(range(len(acked)))
-    lines = _file_in_image(image, "/log.txt", tmp_path).splitlines()
+    lines = file_in_image(image, "/log.txt", tmp_path).splitlines()
     for i in acked:
         assert lines[i] == f"record {i:06d} {'x' * 80}", i
     slowest: dict[str, float] = {}
@@ -368,5 +327,5 @@ def test_poweroff_unmounts_then_flushes(booted: tuple[BootResult, Path], tmp_pat
     assert checks_done < unmounted < stopped, "the daemon stopped before the mount was gone"
     assert console.count("mnt-vhd.mount: Deactivated successfully") == 1
     assert re.search(r"stopping \(shutdown: ", console), "the last stop was not seen as a shutdown"
-    assert _file_in_image(image, "/written", tmp_path) == WRITTEN
-    assert _file_in_image(image, "/after-crash", tmp_path) == "written after a daemon crash\n"
+    assert file_in_image(image, "/written", tmp_path) == WRITTEN
+    assert file_in_image(image, "/after-crash", tmp_path) == "written after a daemon crash\n"

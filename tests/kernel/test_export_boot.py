@@ -17,21 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.nbd.tlscerts import make_pki
-from vhdblkd.vhd.create import create_dynamic
-from vhdblkd.vhd.image import open_image
 
-from .uml import REPO_ROOT, BootResult, boot_systemd, check_unit
+from .boot_setup import CHECK_PREAMBLE, PACKAGING, PUBLISH, MiB, pattern_vhd, read_vhd, results, venv_programs
+from .uml import BootResult, boot_systemd, check_unit
 
 pytestmark = pytest.mark.kernel
 
-UNIT = REPO_ROOT / "packaging" / "systemd" / "vhdblkd-export@.service"
-VENV_BIN = REPO_ROOT / ".venv" / "bin"
-MiB = 1 << 20
+UNIT = PACKAGING / "systemd" / "vhdblkd-export@.service"
 
-CHECK_SCRIPT = r"""#!/bin/bash
-out=/srv/test/result.tmp
-: >"$out"
-kv() { printf '%s=%s\n' "$1" "$2" >>"$out"; }
+CHECK_SCRIPT = CHECK_PREAMBLE + r"""
 pki=/srv/test/pki
 # GnuTLS (nbd-client) picks AES-NI/AVX code on its own, ignoring OPENSSL_ia32cap; under UML's
 # disabled XSTATE that corrupts records ("bad record mac"), so keep it on plain code as well.
@@ -66,19 +60,7 @@ journalctl -b --no-pager -u vhdblkd-export@tls.service >/srv/test/tls.journal 2>
 kv guest_date "$(date +%s)"
 kv failed "$(systemctl list-units --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')"
 kv verify "$(systemd-analyze verify vhdblkd-export@plain.service 2>&1 | tr '\n' ' ')"
-mv "$out" /srv/test/result
-"""
-
-
-def _image(path: Path, pattern: bytes) -> None:
-    create_dynamic(str(path), 64 * MiB)
-    with open_image(str(path)) as image:
-        image.write(MiB, pattern)
-
-
-def _read(path: Path, offset: int, length: int) -> bytes:
-    with open_image(str(path), read_only=True) as image:
-        return bytes(image.read(offset, length))
+""" + PUBLISH
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +74,8 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
     pattern = os.urandom(64 * 1024)
     (srv / "pattern.bin").write_bytes(pattern)
     (srv / "new.bin").write_bytes(os.urandom(64 * 1024))
-    _image(srv / "plain.vhd", pattern)
-    _image(srv / "tls.vhd", pattern)
+    pattern_vhd(srv / "plain.vhd", MiB, pattern)
+    pattern_vhd(srv / "tls.vhd", MiB, pattern)
     pki = "/srv/test/pki"
     files = {
         "/etc/systemd/system/vhdblkd-export@.service": UNIT.read_text(),
@@ -110,7 +92,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
         ),
     }
     (srv / "check.sh").write_text(CHECK_SCRIPT)
-    setup = f'ln -sf {VENV_BIN / "vhdblkd"} "$NEWROOT/usr/bin/vhdblkd"\n'
+    setup = venv_programs("vhdblkd")
     # Instances are enabled as multi-user.target.wants/vhdblkd-export@NAME.service links.
     setup += "".join(
         f'ln -sf /etc/systemd/system/vhdblkd-export@.service '
@@ -124,10 +106,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> tuple[BootResult, Path]:
 
 
 def _results(booted: tuple[BootResult, Path]) -> dict[str, str]:
-    result, _ = booted
-    text = result.result
-    assert text is not None, f"the guest never wrote its results\n--- console ---\n{result.console[-8000:]}"
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return results(booted[0])
 
 
 def test_instances_started_from_the_unit(booted: tuple[BootResult, Path]) -> None:
@@ -144,7 +123,7 @@ def test_nbd_client_reads_and_writes_over_a_unix_socket(booted: tuple[BootResult
     assert r["modprobe_rc"] == "0" and r["plain_rc"] == "0", (booted[0].read("plain.out"), r)
     assert (srv / "plain.read").read_bytes() == (srv / "pattern.bin").read_bytes()
     assert r["plain_write_rc"] == "0"
-    assert _read(srv / "plain.vhd", 4 * MiB, 64 * 1024) == (srv / "new.bin").read_bytes()
+    assert read_vhd(srv / "plain.vhd", 4 * MiB, 64 * 1024) == (srv / "new.bin").read_bytes()
 
 
 def test_nbd_client_over_tls_with_a_client_certificate(booted: tuple[BootResult, Path]) -> None:
@@ -153,7 +132,7 @@ def test_nbd_client_over_tls_with_a_client_certificate(booted: tuple[BootResult,
     assert r["tls_rc"] == "0", (booted[0].read("tls.out"), booted[0].read("tls.journal"), r)
     assert (srv / "tls.read").read_bytes() == (srv / "pattern.bin").read_bytes()
     assert r["tls_write_rc"] == "0"
-    assert _read(srv / "tls.vhd", 8 * MiB, 64 * 1024) == (srv / "new.bin").read_bytes()
+    assert read_vhd(srv / "tls.vhd", 8 * MiB, 64 * 1024) == (srv / "new.bin").read_bytes()
 
 
 def test_clients_without_certificate_or_tls_are_refused(booted: tuple[BootResult, Path]) -> None:
