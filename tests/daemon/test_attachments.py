@@ -215,3 +215,28 @@ def test_the_same_image_through_a_symlink_is_refused(image: str, tmp_path: Path)
         mgr.attach(VhdtabEntry("third", image + ".x", device_index=0), from_vhdtab=False)
     assert list(kernel.devices) == [0] and len(opener.images) == 1
     mgr.shutdown()
+
+
+def test_adopt_goes_through_the_attach_checks_and_cleans_up_alike(image: str, tmp_path: Path) -> None:
+    from vhdblkd.daemon.state import StateRecord
+
+    mgr, kernel, opener, _ = make()
+    mgr.attach(VhdtabEntry("data", image), from_vhdtab=False)
+    link = tmp_path / "link.vhd"
+    link.symlink_to(image)
+    record = StateRecord("again", str(link), "/dev/nbd3", "nbd", {"index": 3, "connections": 1}, {}, False)
+    # The duplicate check is attach's: the same file through a symlink, refused before it is opened.
+    with pytest.raises(DaemonError, match=f"{link} is already attached as /dev/nbd0 \\(data\\)"):
+        mgr.adopt(VhdtabEntry("again", str(link)), record, {}, from_vhdtab=False)
+    with pytest.raises(DaemonError, match="the name 'data' is already attached as /dev/nbd0"):
+        mgr.adopt(VhdtabEntry("data", str(tmp_path / "x.vhd")), record, {}, from_vhdtab=False)
+    assert len(opener.images) == 1
+    # A device the kernel no longer has: the image is closed and the name is free again, as for attach.
+    other = tmp_path / "other.vhd"
+    other.write_bytes(b"conectix")
+    lost = StateRecord("other", str(other), "/dev/nbd3", "nbd", {"index": 3, "connections": 1}, {}, False)
+    with pytest.raises(KernelError, match="/dev/nbd3 is not connected"):
+        mgr.adopt(VhdtabEntry("other", str(other)), lost, {}, from_vhdtab=False)
+    assert opener.images[-1].closed and mgr.names() == {"data"}
+    assert mgr.attach(VhdtabEntry("other", str(other)), from_vhdtab=False).path == "/dev/nbd1"
+    mgr.shutdown()
