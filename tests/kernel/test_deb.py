@@ -159,6 +159,7 @@ listing() { find @LISTING@ -xdev -name '*vhd*' 2>/dev/null | sort; }
 wait_link() { for i in $(seq 150); do [ -e "/dev/disk/by-vhd/$1" ] && return 0; sleep 0.2; done; return 1; }
 mount_id() { awk '$5 == "/mnt/fs" {print $1}' /proc/self/mountinfo; }
 written() { cat /run/writer.count 2>/dev/null || echo 0; }
+writing() { local n; n=$(written); sleep 2; [ "$(written)" -gt "$n" ] && echo yes; }
 before=$(listing)
 printf '%s\n' "$before" >/srv/test/before.txt
 t=$SECONDS
@@ -237,9 +238,7 @@ kv upgrade_fs_device "$(readlink -f /dev/disk/by-vhd/fs)"
 kv upgrade_mount_id "$(mount_id)"
 kv upgrade_names "$(names 2>&1)"
 kv upgrade_export_active "$(systemctl show -P ActiveState vhdblkd-export@disk.service)"
-n=$(written)
-sleep 2
-kv writing_after_upgrade "$( [ "$(written)" -gt "$n" ] && echo yes)"
+kv writing_after_upgrade "$(writing)"
 printf 'written after the upgrade\n' >/mnt/fs/after-upgrade
 sync -f /mnt/fs/after-upgrade
 kv after_upgrade_sync_rc "$?"
@@ -251,9 +250,7 @@ kv refused_status "$(dpkg-query -W -f='${db:Status-Status} ${Version}' vhdblkd 2
 kv refused_active "$(systemctl show -P ActiveState vhdblkd.service)"
 kv refused_export_active "$(systemctl show -P ActiveState vhdblkd-export@disk.service)"
 kv refused_mount_id "$(mount_id)"
-n=$(written)
-sleep 2
-kv writing_after_refusal "$( [ "$(written)" -gt "$n" ] && echo yes)"
+kv writing_after_refusal "$(writing)"
 touch /run/writer.stop
 wait $writer
 kv writer_rc "$?"
