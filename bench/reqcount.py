@@ -10,7 +10,10 @@ user-space instructions the server executed per request in each phase
 
     .venv/bin/python bench/reqcount.py --vhdblkd A [--vhdblkd B ...] [--requests N]
 
-Each --vhdblkd is an executable (e.g. a wrapper running another checkout).
+Each --vhdblkd is an executable (e.g. a wrapper running another checkout).  A
+wrapper that sets PYTHONPATH must run ``python -P``: without it the current
+directory comes first on sys.path, and run from a checkout every wrapper
+imports that checkout's vhdblkd instead of its own.
 """
 
 from __future__ import annotations
