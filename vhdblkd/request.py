@@ -190,6 +190,8 @@ class RequestLayer:
 
     def __init__(self, backend: Backend, caps: Capabilities | None = None) -> None:
         self.backend = backend
+        self._read = backend.read  # bound once: read and write are on every request's path
+        self._write = backend.write
         self.caps = caps if caps is not None else Capabilities.of(backend)
         caps = self.caps
         self._native_fua = caps.can_fua is FuaMode.NATIVE
@@ -209,12 +211,16 @@ class RequestLayer:
 
     def validate(self, req: Request) -> int | None:
         """As the module's `validate(req, self.caps)`, with the table folded in once."""
-        allowed, refused, limit, longest = self._checks[req.command]
-        if req.flags & ~allowed:
+        return self.check(req.command, req.offset, req.length, req.flags)
+
+    def check(self, command: Command, offset: int, length: int, flags: int) -> int | None:
+        """`validate` on a request's fields, for a transport's hot path that builds no `Request`."""
+        allowed, refused, limit, longest = self._checks[command]
+        if flags & ~allowed:
             return errno.EINVAL
         if refused:
             return refused
-        if req.offset + req.length > limit or req.length > longest:
+        if offset + length > limit or length > longest:
             return errno.EINVAL
         return None
 
@@ -226,14 +232,11 @@ class RequestLayer:
         """
         command = req.command
         if command is Command.READ:
-            data = self.backend.read(req.offset, req.length)
-            if len(data) != req.length:
-                raise BackendError(f"backend returned {len(data)} bytes for a {describe(req)}", errno.EIO)
-            return data
+            return self.read(req.offset, req.length)
         if not req.length:
             return None
         if command is Command.WRITE:
-            self.backend.write(req.offset, req.payload, self._native_fua and bool(req.flags & FUA))
+            self.write(req.offset, req.payload, req.flags)
         elif command is Command.WRITE_ZEROES:
             fua = self._native_fua and bool(req.flags & FUA)
             self.backend.write_zeroes(req.offset, req.length, not req.flags & NO_HOLE, fua)
@@ -241,12 +244,27 @@ class RequestLayer:
             self.backend.discard(req.offset, req.length)
         return None  # FLUSH: flush_after; CACHE: advisory, nothing to do
 
+    def read(self, offset: int, length: int) -> Buffer:
+        """A validated READ's data (`execute` on scalars)."""
+        data = self._read(offset, length)
+        if len(data) != length:
+            raise BackendError(f"backend returned {len(data)} bytes for a READ {length}@{offset}", errno.EIO)
+        return data
+
+    def write(self, offset: int, payload: Buffer, flags: int) -> None:
+        """A validated WRITE (`execute` on scalars); a zero-length one does nothing."""
+        if payload:
+            self._write(offset, payload, self._native_fua and bool(flags & FUA))
+
     def flush_after(self, req: Request) -> bool:
         """True when `req` completes only after a `flush()`: FLUSH itself, and FUA emulated by a flush."""
-        command = req.command
+        return self.needs_flush(req.command, req.flags, req.length)
+
+    def needs_flush(self, command: Command, flags: int, length: int) -> bool:
+        """`flush_after` on a request's fields."""
         if command is Command.FLUSH:
             return True
-        return self._emulate_fua and bool(req.flags & FUA) and req.length > 0 and command in _WRITES
+        return self._emulate_fua and bool(flags & FUA) and length > 0 and command in _WRITES
 
     def flush(self) -> None:
         """Make every write completed so far durable (the backend's flush)."""

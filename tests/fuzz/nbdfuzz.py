@@ -5,15 +5,20 @@ An input is `mode:u8 split_seed:u8 stream`:
   mode 1: the server handshake (ServerHandshake);
   mode 2: a live serve_connection(handshake=True) over a socketpair on an in-memory
           backend that reports its allocation (structured replies, block status).
+  mode 3: the same transmission stream to the codec and to a live
+          serve_connection(handshake=False) (`compare_live`).
 Modes 0 and 1 feed the stream whole and split at points drawn from the
 split seed: only NbdError may escape, and both feedings must agree on every
 request (or reply byte) produced, on whether and where the stream failed,
 and on the final state.  Mode 2 sends the stream, half-closes, reads every
-reply to EOF: serve_connection must return without raising.
+reply to EOF: serve_connection must return without raising.  Mode 3 checks
+that the connection serves what the codec parses: the same cookies
+answered in the same order, and a protocol error at the same place.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import socket
 import struct
@@ -21,9 +26,10 @@ import threading
 
 from tests.fuzz.guard import time_limit
 from tests.nbd.sparsemem import SparseMemoryBackend
+from vhdblkd.backend import FuaMode
 from vhdblkd.errors import NbdError
 from vhdblkd.nbd import constants as c
-from vhdblkd.nbd.codec import Request, RequestDecoder
+from vhdblkd.nbd.codec import OversizedWrite, Request, RequestDecoder
 from vhdblkd.nbd.handshake import ExportInfo, ServerHandshake
 from vhdblkd.nbd.server import Export, serve_connection
 
@@ -136,9 +142,140 @@ def run_live(stream: bytes) -> None:
     assert not errors, f"serve_connection raised {errors!r}"
 
 
+class InlineBackend(SparseMemoryBackend):
+    """Answers every request on the connection thread (native FUA, no FLUSH), so replies keep request order."""
+
+    @property
+    def can_flush(self) -> bool:
+        return False
+
+    @property
+    def can_fua(self) -> FuaMode:
+        return FuaMode.NATIVE
+
+
+Verdict = tuple[list[int], bool]  # cookies answered in order; whether it ended with a protocol error
+
+
+def codec_verdict(stream: bytes) -> tuple[Verdict, list[int | None]]:
+    """What the codec says a server must answer; with each answer's READ length (to frame the replies)."""
+    dec = RequestDecoder()
+    cookies: list[int] = []
+    reads: list[int | None] = []
+    for chunk in (stream, b""):
+        try:
+            requests = dec.feed(chunk)
+        except OversizedWrite as exc:  # answered with EINVAL, then the connection ends
+            return (cookies + [exc.cookie], True), reads + [None]
+        except NbdError:
+            return (cookies, True), reads
+        for req in requests:
+            if req.type == c.NBD_CMD_DISC:
+                return (cookies, False), reads  # nothing after DISC is read
+            cookies.append(req.cookie)
+            reads.append(req.length if req.type == c.NBD_CMD_READ else None)
+    return (cookies, False), reads
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def live_verdict(stream: bytes, reads: list[int | None]) -> Verdict:
+    """What serve_connection(handshake=False) answers to `stream`, sent whole and then half-closed."""
+    export = Export(InlineBackend(LIVE_SIZE), "disk")
+    server_sock, client = socket.socketpair()
+    client.settimeout(TIME_LIMIT)
+    warnings = _Warnings()
+    logger = logging.getLogger("vhdblkd.nbd.connection")
+    logger.addHandler(warnings)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            serve_connection(server_sock, export, handshake=False)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def send() -> None:
+        try:
+            client.sendall(stream)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may hang up first; that is allowed
+
+    server = threading.Thread(target=serve, daemon=True)
+    sender = threading.Thread(target=send, daemon=True)
+    server.start()
+    sender.start()
+    cookies: list[int] = []
+    try:
+        while True:
+            header = _recv_exact(client, c.NBD_SIMPLE_REPLY_SIZE)
+            if not header:
+                break
+            magic, error, cookie = struct.unpack(">IIQ", header)
+            assert magic == c.NBD_SIMPLE_REPLY_MAGIC, f"bad reply magic {magic:#x} after {cookies}"
+            read = reads[len(cookies)] if len(cookies) < len(reads) else None
+            cookies.append(cookie)
+            if not error and read is not None:
+                assert len(_recv_exact(client, read)) == read, "READ data cut short"
+    finally:
+        sender.join(TIME_LIMIT)
+        server.join(TIME_LIMIT)
+        logger.removeHandler(warnings)
+        server_sock.close()
+        client.close()
+    assert not server.is_alive(), "serve_connection did not return after the client hung up"
+    assert not errors, f"serve_connection raised {errors!r}"
+    return cookies, any("broke the protocol" in m for m in warnings.messages)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        try:
+            got = sock.recv(n - len(out))
+        except ConnectionResetError:
+            got = b""
+        if not got:
+            assert not out, f"reply cut short: {len(out)} of {n} bytes"
+            return b""
+        out += got
+    return bytes(out)
+
+
+def compare_live(stream: bytes) -> None:
+    """The connection answers what the codec parses (mode 3)."""
+    expected, reads = codec_verdict(stream)
+    got = live_verdict(stream, reads)
+    assert got == expected, f"the codec says {expected}, the connection answered {got}"
+
+
+def transmission_streams(data: bytes) -> list[bytes]:
+    """The transmission-phase bytes in a fuzz input: its stream, and for a handshake, what follows it."""
+    stream = data[2:]
+    out = [stream]
+    if data and data[0] % 4 in (1, 2):
+        hs = ServerHandshake(EXPORTS, default="disk")
+        hs.greeting()
+        try:
+            hs.feed(stream)
+        except NbdError:
+            return out
+        if hs.state.name == "TRANSMISSION" and hs.trailing_data:
+            out.append(bytes(hs.trailing_data))
+    return out
+
+
 def run(data: bytes) -> None:
     """The fuzz target (module docstring)."""
-    mode = data[0] % 3 if data else 0
+    mode = data[0] % 4 if data else 0
     seed = data[1] if len(data) > 1 else 0
     stream = data[2:]
     with time_limit(TIME_LIMIT):
@@ -146,8 +283,10 @@ def run(data: bytes) -> None:
             run_codec(stream, seed)
         elif mode == 1:
             run_handshake(stream, seed)
-        else:
+        elif mode == 2:
             run_live(stream)
+        else:
+            compare_live(stream)
 
 
 # --- seeds ------------------------------------------------------------------------
@@ -170,6 +309,16 @@ REQUESTS = (request(c.NBD_CMD_WRITE, 512, 8, c.NBD_CMD_FLAG_FUA, 1, b"ABCDEFGH")
             + request(c.NBD_CMD_FLUSH, cookie=3) + request(c.NBD_CMD_TRIM, 4096, 4096, 0, 4)
             + request(c.NBD_CMD_WRITE_ZEROES, 0, 100, c.NBD_CMD_FLAG_NO_HOLE, 5) + request(c.NBD_CMD_CACHE, 0, 512, 0, 6)
             + request(c.NBD_CMD_DISC, cookie=7))
+
+
+# Requests the server refuses or answers oddly, each still framed alike by codec and connection.
+ODD_REQUESTS = (request(c.NBD_CMD_WRITE, 0, 0, 0, 10) + request(c.NBD_CMD_WRITE, 1 << 40, 4, 0, 11, b"late")
+                + request(c.NBD_CMD_READ, 0, 0, 0, 12) + request(c.NBD_CMD_READ, 0, 4096, c.NBD_CMD_FLAG_DF, 13)
+                + request(c.NBD_CMD_READ, 0, c.NBD_MAX_PAYLOAD + 1, 0, 14) + request(0x77, 0, 8, 0, 15)
+                + request(c.NBD_CMD_BLOCK_STATUS, 0, 4096, 0, 16)
+                + request(c.NBD_CMD_WRITE_ZEROES, 0, 4096, c.NBD_CMD_FLAG_FAST_ZERO, 17)
+                + request(c.NBD_CMD_WRITE, 8192, 3, c.NBD_CMD_FLAG_FUA | 0x8000, 18, b"abc")
+                + request(c.NBD_CMD_WRITE, 100, 5, c.NBD_CMD_FLAG_FUA, 19, b"hello"))
 
 
 def meta_request(name: bytes, *queries: bytes) -> bytes:
@@ -206,4 +355,14 @@ def seed_programs() -> dict[str, bytes]:
         "live-structured": bytes([2, 0]) + CLIENT_FLAGS + STRUCTURED + go + SPARSE_REQUESTS,
         "live-structured-bytewise": bytes([2, 1]) + CLIENT_FLAGS + STRUCTURED
         + option(c.NBD_OPT_EXPORT_NAME, b"disk") + SPARSE_REQUESTS,
+        "same-requests": bytes([3, 0]) + REQUESTS,
+        "same-odd-requests": bytes([3, 0]) + ODD_REQUESTS + request(c.NBD_CMD_DISC, cookie=99),
+        "same-oversized-write": bytes([3, 0]) + ODD_REQUESTS
+        + request(c.NBD_CMD_WRITE, 0, c.NBD_MAX_PAYLOAD + 1, 0, 20) + b"x" * 100,
+        "same-bad-magic": bytes([3, 0]) + ODD_REQUESTS + b"\x25\x60\x95\x14" + bytes(24),
+        "same-data-after-disc": bytes([3, 0]) + request(c.NBD_CMD_READ, 0, 512, 0, 1)
+        + request(c.NBD_CMD_DISC, cookie=2) + request(c.NBD_CMD_READ, 0, 512, 0, 3),
+        "same-truncated-payload": bytes([3, 0]) + request(c.NBD_CMD_WRITE, 0, 600, 0, 1, b"z" * 600)
+        + request(c.NBD_CMD_WRITE, 4096, 600, 0, 2, b"z" * 599),
+        "same-truncated-header": bytes([3, 0]) + request(c.NBD_CMD_FLUSH, cookie=1) + request(c.NBD_CMD_READ)[:27],
     }

@@ -20,7 +20,8 @@ from tests.fuzz import nbdfuzz
 from vhdblkd.nbd import constants as c
 
 HERE = Path(__file__).parent
-SEEDS = sorted((HERE / "corpus" / "nbd").glob("*.bin"))
+SEED_DIR = HERE / "corpus" / "nbd"
+SEEDS = sorted(SEED_DIR.glob("*.bin"))
 REGRESSIONS = sorted((HERE / "regressions" / "nbd").glob("*.bin"))
 # FUZZ_SCALE=N multiplies the example counts for a longer exploratory run.
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
@@ -125,9 +126,33 @@ def test_live_connection(data: bytes) -> None:
     nbdfuzz.run(data)
 
 
+@settings(max_examples=LIVE_EXAMPLES)
+@given(data=program(3, transmission))
+def test_connection_serves_what_the_codec_parses(data: bytes) -> None:
+    nbdfuzz.run(data)
+
+
 @pytest.mark.parametrize("path", SEEDS + REGRESSIONS, ids=lambda p: p.name)
 def test_corpus_and_regressions(path: Path) -> None:
     nbdfuzz.run(path.read_bytes())
+
+
+@pytest.mark.parametrize("path", SEEDS + REGRESSIONS, ids=lambda p: p.name)
+def test_corpus_gets_the_same_verdicts_from_codec_and_connection(path: Path) -> None:
+    """Every corpus input's transmission bytes: a live connection answers what the codec parses."""
+    for stream in nbdfuzz.transmission_streams(path.read_bytes()):
+        nbdfuzz.compare_live(stream)
+
+
+def test_the_verdicts_are_not_vacuous() -> None:
+    """The comparison sees answers, their order and the protocol error, each of which can differ."""
+    (cookies, failed), _ = nbdfuzz.codec_verdict((SEED_DIR / "same-oversized-write.bin").read_bytes()[2:])
+    assert cookies == list(range(10, 21)) and failed  # the oversized WRITE's cookie 20 is answered too
+    stream = nbdfuzz.REQUESTS
+    expected, reads = nbdfuzz.codec_verdict(stream)
+    assert expected == ([1, 2, 3, 4, 5, 6], False)
+    assert nbdfuzz.live_verdict(stream, reads) == expected
+    assert nbdfuzz.live_verdict(stream[:-10], reads) == ([1, 2, 3, 4, 5, 6], True)  # cut inside DISC
 
 
 def test_split_feeding_finds_disagreement() -> None:

@@ -1,8 +1,13 @@
 """Sans-IO codec for the NBD transmission phase (simple replies only).
 
-`RequestDecoder.feed(data)` buffers bytes (``b""`` means end of stream) and
-returns every request completed so far; `encode_reply()` builds the 16-byte
-simple reply header.  Nothing here touches a socket, a file or a clock.
+`RequestParser` is the state machine every connection runs: it says how many
+bytes it needs next (`next_read_size`), and the socket loop reads exactly
+that (a header into a reused buffer, a WRITE payload into its pooled buffer)
+and hands it over.  `RequestDecoder.feed(data)` is a thin buffer over the
+same parser for callers that have arbitrary chunks (tests, fuzzers): it
+buffers bytes (``b""`` means end of stream) and returns every request
+completed so far.  `encode_reply()` builds the 16-byte simple reply header.
+Nothing here touches a socket, a file or a clock.
 
 Framing rules:
 
@@ -13,15 +18,13 @@ Framing rules:
   (the server answers them with an error) and a client that sent data after
   one has desynchronised the stream, which shows up as a bad magic on the
   next header.
-* A WRITE longer than ``NBD_MAX_PAYLOAD`` is a `RemoteProtocolError`: its
-  payload is too big to buffer and skipping it silently would let a client
-  stream unbounded data at us.  Other commands may carry any 32-bit length
+* A WRITE longer than ``NBD_MAX_PAYLOAD`` is `OversizedWrite` (a
+  `RemoteProtocolError` carrying the cookie): its payload is too big to
+  buffer and skipping it silently would let a client stream unbounded data
+  at us, so the server answers that cookie with EINVAL and closes.  Other commands may carry any 32-bit length
   (TRIM and WRITE_ZEROES legitimately exceed the payload limit; an oversized
   READ is answered with EINVAL by the server).
 * After ``NBD_CMD_DISC`` the client must send nothing more.
-
-The server's hot path reuses `REQUEST_HEADER` and `check_header` so the
-decoder here and the socket loop validate requests with the same code.
 """
 
 from __future__ import annotations
@@ -67,17 +70,6 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 def command_name(type_: int) -> str:
     return NBD_CMD_NAMES.get(type_, f"unknown command {type_}")
-
-
-def check_header(magic: int, type_: int, length: int) -> int:
-    """Validate a request header's framing; return how many payload bytes follow it."""
-    if magic != NBD_REQUEST_MAGIC:
-        raise RemoteProtocolError(f"bad request magic: expected {NBD_REQUEST_MAGIC:#010x}, found {magic:#010x}")
-    if type_ != NBD_CMD_WRITE:
-        return 0
-    if length > NBD_MAX_PAYLOAD:
-        raise RemoteProtocolError(f"WRITE of {length} bytes exceeds the {NBD_MAX_PAYLOAD}-byte payload limit")
-    return length
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -184,21 +176,121 @@ TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
 }
 
 
-class RequestDecoder:
-    """Turns the client's byte stream into `Request`s; errors are sticky."""
+class OversizedWrite(RemoteProtocolError):
+    """A WRITE longer than the payload limit: answer `cookie` with EINVAL, then close the connection.
+
+    The payload cannot be skipped safely (a client could stream unbounded
+    data at us), so nothing after this header is read.
+    """
+
+    def __init__(self, cookie: int, length: int) -> None:
+        super().__init__(f"WRITE of {length} bytes exceeds the {NBD_MAX_PAYLOAD}-byte payload limit")
+        self.cookie = cookie
+
+
+_HEADER: Final = State.HEADER
+# Commands whose header changes the state (a WRITE waits for its payload; DISC ends the stream):
+# any other header leaves the parser in HEADER, so the hot path skips the table for them.
+_FRAMING: Final = frozenset({NBD_CMD_WRITE, NBD_CMD_DISC})
+assert TRANSITIONS[(State.HEADER, Event.REQUEST)] is State.HEADER
+_unpack_header: Final = REQUEST_HEADER.unpack_from
+
+
+class RequestParser:
+    """The transmission phase's state machine over exact reads: the parser that serves connections.
+
+    The caller reads `next_read_size` bytes (0: read nothing more) and passes
+    them on: a 28-byte header to `header`, a WRITE's payload to `payload`,
+    and the end of the stream to `eof`.  So a socket loop can receive a
+    header into a reused buffer and a payload straight into its own pooled
+    buffer, with no copy here.  Errors are `RemoteProtocolError`s and
+    sticky: the state stays `ERROR`.
+    """
+
+    __slots__ = ("state", "next_read_size")
 
     def __init__(self) -> None:
         self.state = State.HEADER
-        self._buffer = bytearray()
-        self._pending: tuple[int, int, int, int, int] | None = None  # header of a WRITE awaiting its payload
-        self._error: RemoteProtocolError | None = None  # deferred so requests completed before it are returned
+        self.next_read_size = NBD_REQUEST_SIZE
 
     def _transition(self, event: Event) -> None:
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:
             state, self.state = self.state, State.ERROR
+            self.next_read_size = 0
             raise RemoteProtocolError(f"{event.value} is not allowed in state {state.name} ({state.value})") from None
+
+    def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        self.state = State.ERROR
+        self.next_read_size = 0
+        return error
+
+    def header(self, buf: Buffer) -> tuple[int, int, int, int, int, int]:
+        """Parse a whole header: its fields as sent, (magic, flags, type, cookie, offset, length).
+
+        After a WRITE with data, `next_read_size` is its length: read that
+        and pass it to `payload`.  After DISC it is 0.
+        """
+        fields: tuple[int, int, int, int, int, int] = _unpack_header(buf)
+        if fields[0] != NBD_REQUEST_MAGIC or fields[2] in _FRAMING or self.state is not _HEADER:
+            self._frame(*fields)
+        return fields
+
+    def _frame(self, magic: int, flags: int, type_: int, cookie: int, offset: int, length: int) -> None:
+        if self.state is not _HEADER:
+            self._transition(Event.REQUEST)  # raises: a header is only read in HEADER
+        if magic != NBD_REQUEST_MAGIC:
+            raise self._fail(
+                RemoteProtocolError(f"bad request magic: expected {NBD_REQUEST_MAGIC:#010x}, found {magic:#010x}")
+            )
+        if type_ == NBD_CMD_DISC:
+            self._transition(Event.DISC)
+            self.next_read_size = 0
+        elif type_ == NBD_CMD_WRITE and length:
+            if length > NBD_MAX_PAYLOAD:
+                raise self._fail(OversizedWrite(cookie, length))
+            self._transition(Event.WRITE_HEADER)
+            self.next_read_size = length
+        elif type_ != NBD_CMD_WRITE:
+            self._transition(Event.REQUEST)
+
+    def payload(self, data: Buffer) -> None:
+        """The WRITE payload announced by the last header (exactly `next_read_size` bytes)."""
+        if len(data) != self.next_read_size:
+            raise LocalProtocolError(f"payload of {len(data)} bytes passed, {self.next_read_size} expected")
+        self._transition(Event.PAYLOAD)
+        self.next_read_size = NBD_REQUEST_SIZE
+
+    def eof(self, received: int = 0) -> None:
+        """The stream ended `received` bytes into the next read; raises unless that is between requests."""
+        if received or self.state is State.PAYLOAD:
+            need, state = self.next_read_size, self.state
+            raise self._fail(
+                RemoteProtocolError(
+                    f"stream ended inside a request: {received} of {need} bytes received ({state.name})"
+                )
+            )
+        self._transition(Event.EOF)
+        self.next_read_size = 0
+
+    def more_data(self) -> None:
+        """Bytes arrived: an error once the stream is over (after DISC or EOF)."""
+        self._transition(Event.DATA)
+
+
+class RequestDecoder:
+    """Turns the client's byte stream into `Request`s: a buffer over `RequestParser`; errors are sticky."""
+
+    def __init__(self) -> None:
+        self.parser = RequestParser()
+        self._buffer = bytearray()
+        self._header: tuple[int, int, int, int, int, int] | None = None  # a WRITE's, awaiting its payload
+        self._error: RemoteProtocolError | None = None  # deferred so requests completed before it are returned
+
+    @property
+    def state(self) -> State:
+        return self.parser.state
 
     def feed(self, data: Buffer) -> list[Request]:
         """Buffer `data` (``b""`` = end of stream); return the requests it completed.
@@ -217,48 +309,36 @@ class RequestDecoder:
         try:
             self._feed(data, out)
         except RemoteProtocolError as exc:
-            self.state = State.ERROR
+            self.parser.state = State.ERROR
             if not out:
                 raise
             self._error = exc
         return out
 
     def _feed(self, data: Buffer, out: list[Request]) -> None:
+        parser = self.parser
         if not data:
-            if self._buffer or self.state is State.PAYLOAD:
-                need = NBD_REQUEST_SIZE if self._pending is None else self._pending[4]
-                raise RemoteProtocolError(
-                    f"stream ended inside a request: {len(self._buffer)} of {need} bytes received ({self.state.name})"
-                )
-            self._transition(Event.EOF)
+            parser.eof(len(self._buffer))
             return
-        self._transition(Event.DATA)
+        parser.more_data()
         self._buffer += data
-        while True:
-            if self._pending is not None:
-                type_, flags, cookie, offset, length = self._pending
-                if len(self._buffer) < length:
-                    break
-                payload = bytes(self._buffer[:length])
-                del self._buffer[:length]
-                self._pending = None
-                self._transition(Event.PAYLOAD)
-                out.append(Request(type_, flags, cookie, offset, length, payload))
+        while parser.next_read_size and len(self._buffer) >= parser.next_read_size:
+            need = parser.next_read_size
+            chunk = bytes(self._buffer[:need])
+            del self._buffer[:need]
+            if self._header is not None:
+                parser.payload(chunk)
+                _, flags, type_, cookie, offset, length = self._header
+                self._header = None
+                out.append(Request(type_, flags, cookie, offset, length, chunk))
                 continue
-            if len(self._buffer) < NBD_REQUEST_SIZE:
-                break
-            if self.state is State.DISCONNECTED:
-                self._transition(Event.DATA)
-            magic, flags, type_, cookie, offset, length = REQUEST_HEADER.unpack_from(self._buffer)
-            payload_length = check_header(magic, type_, length)
-            del self._buffer[:NBD_REQUEST_SIZE]
-            if payload_length:
-                self._transition(Event.WRITE_HEADER)
-                self._pending = (type_, flags, cookie, offset, length)
+            fields = parser.header(chunk)
+            if parser.state is State.PAYLOAD:
+                self._header = fields
                 continue
-            self._transition(Event.DISC if type_ == NBD_CMD_DISC else Event.REQUEST)
+            _, flags, type_, cookie, offset, length = fields
             out.append(Request(type_, flags, cookie, offset, length))
-        if self.state is State.DISCONNECTED and self._buffer:
-            self._transition(Event.DATA)
-        if len(self._buffer) > MAX_INCOMPLETE_SIZE:  # unreachable while check_header caps payloads; kept as a guard
+        if self._buffer:
+            parser.more_data()  # bytes after DISC (or past the end) break the protocol
+        if len(self._buffer) > MAX_INCOMPLETE_SIZE:  # unreachable while the parser caps payloads; kept as a guard
             raise RemoteProtocolError(f"{len(self._buffer)} bytes buffered without completing a request")

@@ -1,11 +1,14 @@
 """One NBD connection: optional handshake, then the transmission loop over a socket.
 
-The loop reads each 28-byte header with `recv_into` into a reused buffer
-(and a WRITE's payload into a pooled buffer), validates its framing with the
-codec's `check_header`, and hands the request to the transport-independent
-request layer (`vhdblkd.request`): it checks the request at the edge (flags,
-range, read-only), runs it on the backend and names the errno of a failure,
-which this module only translates to NBD's numbers.  READ and WRITE run
+The loop reads what the codec's `RequestParser` asks for next with
+`recv_into`: each 28-byte header into a reused buffer and a WRITE's payload
+into a pooled buffer, and feeds it to the parser, which frames the request
+(or raises the protocol error).  The request then goes to the
+transport-independent request layer (`vhdblkd.request`): it checks the
+request at the edge (flags, range, read-only), runs it on the backend and
+names the errno of a failure, which this module only translates to NBD's
+numbers.  A WRITE over the payload limit is answered EINVAL, and then the
+connection ends (its payload cannot be skipped safely).  READ and WRITE run
 inline in the connection thread; FLUSH and the flush that emulates FUA go to
 a helper thread so later reads are not stuck behind an fsync.  A lock
 serialises replies from the two threads.  The caller owns the socket and
@@ -23,9 +26,9 @@ from collections.abc import Callable
 
 from ..backend import AllocationMap
 from ..errors import RemoteProtocolError
-from ..request import FUA, NO_HOLE, UNKNOWN, Capabilities, Command, Request, RequestLayer, describe, errno_for
+from ..request import FUA, NO_HOLE, Capabilities, Command, Request, RequestLayer, errno_for
 from . import structured as sr
-from .codec import REQUEST_HEADER, SIMPLE_REPLY, check_header, command_name, nbd_error
+from .codec import SIMPLE_REPLY, OversizedWrite, RequestParser, command_name, nbd_error
 from .constants import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -53,24 +56,18 @@ _FIRST_WRITE_BUFFER = 256 * 1024  # grows on demand up to NBD_MAX_PAYLOAD; most 
 _STOP_POLL_SECONDS = 0.2
 _PAUSE_POLL = struct.pack("ll", 0, 200_000)  # struct timeval: 0.2 s
 _RELAY_DRAIN_SECONDS = 30.0  # time the TLS relay gets to deliver the last replies
-# The NBD commands the request layer serves; DISC and the rest stay here.
+# The NBD commands the request layer serves, besides READ and WRITE (inline in the loop);
+# DISC and the rest stay here.
 _COMMANDS = {
-    NBD_CMD_READ: Command.READ,
-    NBD_CMD_WRITE: Command.WRITE,
     NBD_CMD_FLUSH: Command.FLUSH,
     NBD_CMD_TRIM: Command.TRIM,
     NBD_CMD_WRITE_ZEROES: Command.WRITE_ZEROES,
     NBD_CMD_CACHE: Command.CACHE,
 }
-# The request layer's flag bits are NBD's, so known bits pass through as they are;
-# any other NBD flag (DF, REQ_ONE, FAST_ZERO) becomes UNKNOWN, which it refuses.
+# The request layer's flag bits are NBD's, and the only ones it ever allows are these two,
+# so NBD flags pass through as they are: any other NBD bit (DF, REQ_ONE, FAST_ZERO) is
+# refused exactly as the layer's UNKNOWN would be.
 assert FUA == NBD_CMD_FLAG_FUA and NO_HOLE == NBD_CMD_FLAG_NO_HOLE
-_KNOWN_FLAGS = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE
-
-
-def request_flags(flags: int) -> int:
-    """NBD command flags as request-layer flags."""
-    return flags if not flags & ~_KNOWN_FLAGS else (flags & _KNOWN_FLAGS) | UNKNOWN
 
 
 def serve_connection(
@@ -189,6 +186,7 @@ class _Connection(StructuredReplies):
         self.layer = RequestLayer(export.backend, caps)
         self.send_lock = threading.Lock()
         self.stats = Stats()
+        self.parser = RequestParser()
         self._wbuf = bytearray(_FIRST_WRITE_BUFFER)
         self._wview = memoryview(self._wbuf)
         self._flushes: queue.SimpleQueue[int | None] | None = None
@@ -290,56 +288,50 @@ class _Connection(StructuredReplies):
             self.export.detach(self.stats)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except OversizedWrite as exc:
+            # The payload can't be skipped safely: refuse it, then end the connection in order.
+            log.warning("closing NBD connection: client broke the protocol: %s", exc)
+            self._reply(exc.cookie, NBD_EINVAL)
+
+    def _serve(self) -> None:
         header = bytearray(NBD_REQUEST_SIZE)
         hview = memoryview(header)
         recv_into: Callable[[memoryview, int, int], int] = self._recv_or_pause if self.pausable else self.sock.recv_into
-        unpack = REQUEST_HEADER.unpack_from
-        commands = _COMMANDS.get
-        validate = self.layer.validate
-        execute = self.layer.execute
+        parse = self.parser.header
+        check = self.layer.check
+        read = self.layer.read
+        send = self._send
+        write = self._write
+        request = self._request
+        pack_reply = SIMPLE_REPLY.pack
         stats = self.stats
         READ = Command.READ
-        sparse_read = READ if self.structured else None  # with structured replies READ goes the chunked way
+        simple_read = NBD_CMD_READ if not self.structured else -1  # structured READs go the chunked way
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
             if n != NBD_REQUEST_SIZE and not self._rest_of_header(hview, n):
-                return  # EOF between requests: a clean hang-up
-            magic, flags, type_, cookie, offset, length = unpack(header)
-            payload: memoryview | bytes = b""
-            if type_ == NBD_CMD_WRITE:
-                got = self._write_payload(magic, cookie, length)
-                if got is None:
-                    return
-                payload = got
-            else:
-                check_header(magic, type_, length)
-            command = commands(type_)
-            if command is None:
-                if type_ == NBD_CMD_DISC:
-                    return
-                self._unlayered(type_, flags, cookie, offset, length)
-                continue
-            req = Request(command, offset, length, flags if not flags & ~_KNOWN_FLAGS else request_flags(flags), payload)
-            error = validate(req)
-            if error is not None:
-                self._reject(command.name, flags, offset, length, cookie, nbd_error(error), command is READ)
-                continue
-            if command is sparse_read:
-                self._structured_read(req, cookie)
-                continue
-            try:
-                data = execute(req)
-            except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-                self._reply(cookie, nbd_error(errno_for(exc, describe(req))))
-                continue
-            if command is READ:
-                assert data is not None
-                # The header goes out only now that the data is in hand.
-                self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), data)
-                stats.reads += 1
-                stats.bytes_read += length
-                continue
-            self._complete(req, cookie)
+                return  # EOF between requests (a clean hang-up), or paused
+            _, flags, type_, cookie, offset, length = parse(header)
+            if type_ == simple_read:
+                error = check(READ, offset, length, flags)
+                if error is None:
+                    try:
+                        data = read(offset, length)
+                    except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+                        self._reply(cookie, nbd_error(errno_for(exc, f"READ {length}@{offset}")))
+                        continue
+                    # The header goes out only now that the data is in hand.
+                    send(pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), data)
+                    stats.reads += 1
+                    stats.bytes_read += length
+                    continue
+                self._reject("READ", flags, offset, length, cookie, nbd_error(error), True)
+            elif type_ == NBD_CMD_WRITE:
+                write(flags, cookie, offset, length)
+            elif not request(type_, flags, cookie, offset, length):
+                return  # DISC
 
     def _recv_or_pause(self, view: memoryview, nbytes: int, flags: int) -> int:
         """recv_into for a header of a connection that may pause: 0, as at EOF, once paused."""
@@ -353,24 +345,15 @@ class _Connection(StructuredReplies):
                 continue
 
     def _rest_of_header(self, hview: memoryview, n: int) -> bool:
-        """Complete a header the first recv cut short; False at a clean EOF before it."""
+        """Complete a header the first recv cut short; False at a clean EOF (or a pause) before it."""
         if n == 0:
+            if not self.paused:
+                self.parser.eof()
             return False
         n += self._recv_exact(hview[n:])
         if n != NBD_REQUEST_SIZE:
-            raise RemoteProtocolError(f"stream ended inside a request header ({n} of {NBD_REQUEST_SIZE} bytes)")
+            self.parser.eof(n)  # raises: the stream ended inside a header
         return True
-
-    def _write_payload(self, magic: int, cookie: int, length: int) -> memoryview | None:
-        """A WRITE's payload, or None when it is too long to take (refused; the connection ends)."""
-        if length > NBD_MAX_PAYLOAD:
-            check_header(magic, NBD_CMD_READ, length)  # a bad magic outranks the size
-            # The payload can't be skipped safely: refuse, then end the connection in order.
-            log.warning("WRITE of %d bytes exceeds the payload limit; closing the connection", length)
-            self._reply(cookie, NBD_EINVAL)
-            return None
-        check_header(magic, NBD_CMD_WRITE, length)
-        return self._recv_payload(length)
 
     def _recv_payload(self, length: int) -> memoryview:
         if length > len(self._wbuf):
@@ -380,17 +363,67 @@ class _Connection(StructuredReplies):
         payload = self._wview[:length]
         got = self._recv_exact(payload)  # straight into the pooled buffer: no per-request allocation
         if got != length:
-            raise RemoteProtocolError(f"stream ended inside a WRITE payload ({got} of {length} bytes)")
+            self.parser.eof(got)  # raises: the stream ended inside the payload
+        self.parser.payload(payload)
         return payload
 
+    def _write(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """A WRITE whose header the parser took; its payload is read even when it is refused."""
+        payload = self._recv_payload(length) if length else b""
+        layer = self.layer
+        error = layer.check(Command.WRITE, offset, length, flags)
+        if error is not None:
+            self._reject("WRITE", flags, offset, length, cookie, nbd_error(error))
+            return
+        try:
+            layer.write(offset, payload, flags)
+        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+            self._reply(cookie, nbd_error(errno_for(exc, f"WRITE {length}@{offset}")))
+            return
+        if length:
+            stats = self.stats
+            stats.writes += 1
+            stats.bytes_written += length
+            if flags & FUA and layer.needs_flush(Command.WRITE, flags, length):
+                # Every write received before this one has already completed inline.
+                self._queue_flush(cookie)
+                return
+        self._reply(cookie, 0)
+
+    def _request(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> bool:
+        """Any request but a simple READ and a WRITE; False for DISC (the loop ends)."""
+        if type_ == NBD_CMD_READ:
+            req = Request(Command.READ, offset, length, flags)
+            error = self.layer.validate(req)
+            if error is not None:
+                self._reject("READ", flags, offset, length, cookie, nbd_error(error), True)
+            else:
+                self._structured_read(req, cookie)
+            return True
+        command = _COMMANDS.get(type_)
+        if command is None:
+            if type_ == NBD_CMD_DISC:
+                return False
+            self._unlayered(type_, flags, cookie, offset, length)
+            return True
+        req = Request(command, offset, length, flags)
+        error = self.layer.validate(req)
+        if error is not None:
+            self._reject(command.name, flags, offset, length, cookie, nbd_error(error))
+            return True
+        try:
+            self.layer.execute(req)
+        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+            self._reply(cookie, nbd_error(errno_for(exc, f"{command.name} {length}@{offset}")))
+            return True
+        self._complete(req, cookie)
+        return True
+
     def _complete(self, req: Request, cookie: int) -> None:
-        """Count a finished request other than READ and reply, after a flush when it needs one."""
+        """Count a finished FLUSH, TRIM, WRITE_ZEROES or CACHE and reply, after a flush when it needs one."""
         if req.length:
             command = req.command
-            if command is Command.WRITE:
-                self.stats.writes += 1
-                self.stats.bytes_written += req.length
-            elif command is Command.WRITE_ZEROES:
+            if command is Command.WRITE_ZEROES:
                 self.stats.writes += 1
             elif command is Command.TRIM:
                 self.stats.trims += 1
