@@ -9,6 +9,7 @@ say what to do next where there is something to do.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Sequence
 
 
 class VhdblkError(Exception):
@@ -31,7 +32,20 @@ class UnsupportedImage(VhdError):
 
 
 class ParentError(VhdError):
-    """A differencing image's parent is missing, does not match, or is unsafe."""
+    """A differencing image's parent is missing, does not match, or is unsafe.
+
+    `refused`: when a parent search raised it, each candidate passed over, as
+    (found_by, path, reason, detail) with reason one of not-found, unsafe,
+    unreadable, wrong-id, timestamp.
+    """
+
+    def __init__(self, message: str, refused: Sequence[tuple[str, str, str, str]] = ()) -> None:
+        super().__init__(message)
+        self.refused = tuple(refused)
+
+
+class ParentSearchFailed(ParentError):
+    """No candidate the child names (locators, parent name) is its parent."""
 
 
 class ParentTimestampMismatch(ParentError):

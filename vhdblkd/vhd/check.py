@@ -13,7 +13,6 @@ unique id all the same.  With strict_parent_timestamp it is a problem.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 
 from vhdblkd.errors import ParentError, ParentTimestampMismatch, VhdError
@@ -95,11 +94,14 @@ class _ParentCheck:
         if lay.footer.disk_type != c.DISK_TYPE_DIFFERENCING:
             return [], []
         header: DynamicHeader = lay.header
-        exists = getattr(self.file_factory, "exists", os.path.isfile)
         try:
-            found_by, parent_path = parent_mod.find(f, header, path, allow_unsafe=self.allow_unsafe, exists=exists)
+            found_by, parent_path = parent_mod.find(f, header, path, allow_unsafe=self.allow_unsafe,
+                                                    strict_timestamp=self.strict_timestamp,
+                                                    file_factory=self.file_factory)
+        except ParentTimestampMismatch as exc:
+            return [Problem("parent-timestamp", str(exc), None)], []
         except ParentError as exc:
-            return [Problem("parent-missing", str(exc), None)], []
+            return [Problem(_search_code(exc), str(exc), None)], []
         from vhdblkd.vhd.image import open_image  # image imports check's neighbours
 
         try:
@@ -120,6 +122,16 @@ class _ParentCheck:
                          f"used (`vhdblkctl set-parent {ln.child} {ln.path}` records its current timestamp)", None)
                  for ln in links if not ln.timestamp_matches]
         return [], notes
+
+
+def _search_code(exc: ParentError) -> str:
+    """The problem code of a failed parent search: a wrong image found beats a damaged one beats none."""
+    reasons = {reason for _, _, reason, _ in exc.refused}
+    if "wrong-id" in reasons:
+        return "parent-mismatch"
+    if "unreadable" in reasons:
+        return "parent-corrupt"
+    return "parent-missing"
 
 
 def chain_links(image: VhdImage) -> list[ParentLink]:

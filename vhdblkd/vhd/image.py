@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from vhdblkd.errors import ParentError, VhdError
@@ -85,8 +84,8 @@ def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsaf
                  depth: int) -> tuple[VhdImage, parent_mod.ParentLink]:
     if depth >= MAX_CHAIN_DEPTH:
         raise ParentError(f"{child}: the parent chain is more than {MAX_CHAIN_DEPTH} images deep (a loop?)")
-    exists = getattr(file_factory, "exists", os.path.isfile)
-    found_by, parent_path = parent_mod.find(f, header, child, allow_unsafe=allow_unsafe_parent, exists=exists)
+    found_by, parent_path = parent_mod.find(f, header, child, allow_unsafe=allow_unsafe_parent,
+                                            strict_timestamp=strict_parent_timestamp, file_factory=file_factory)
     try:
         parent = _open(parent_path, read_only=True, allow_unsafe_parent=allow_unsafe_parent,
                        strict_parent_timestamp=strict_parent_timestamp, lock=lock,

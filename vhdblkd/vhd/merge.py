@@ -14,7 +14,6 @@ nothing to the parent) still opens; delete it or keep using it as a child.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import bitmap as bits
@@ -46,9 +45,8 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
         if lay.footer.disk_type != c.DISK_TYPE_DIFFERENCING or lay.header is None or blocks is None:
             raise UnsupportedImage(f"{child}: only a differencing image can be merged into its parent")
         header = lay.header
-        exists = getattr(file_factory, "exists", os.path.isfile)
         found_by, parent_path = parent_mod.find(m.file, header, child, allow_unsafe=allow_unsafe_parent,
-                                                exists=exists)
+                                                file_factory=file_factory)
         allocated = [(i, e) for i, e in blocks.allocated_blocks() if i < lay.total_blocks]
         copied = 0
         with open_image(parent_path, read_only=False, lock=lock, allow_unsafe_parent=allow_unsafe_parent,

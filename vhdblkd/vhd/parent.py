@@ -8,6 +8,13 @@ child's directory is refused unless allow_unsafe_parent is set: a crafted
 child must not make the daemon open arbitrary files.  That switch means
 only this.
 
+Every candidate is tried before the search gives up (find): one that is
+missing, unsafe, unreadable or of another unique id is passed over, because
+a stale copy where one locator points must not hide the parent at the next.
+Candidates are vetted from their footer alone, so a wrong image is never
+opened, nor repaired by a read-write open.  The error names each candidate
+and why it was refused.
+
 The parent's unique id is its identity: a parent whose id differs from the
 one the child records is refused, always.  The parent timestamp is advisory:
 Windows 10 writes 0 there and copying a chain gives the parent a new mtime
@@ -23,15 +30,17 @@ import os
 import re
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
-from vhdblkd.errors import ParentError, ParentTimestampMismatch
+from vhdblkd.errors import CorruptImage, ParentError, ParentSearchFailed, ParentTimestampMismatch, VhdError
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import MAX_LOCATOR_LENGTH
-from vhdblkd.vhd.structs import DynamicHeader
+from vhdblkd.vhd.structs import DynamicHeader, Footer
 from vhdblkd.vhd.timestamp import vhd_mtime, vhd_timestamp_to_iso
 
+FileFactory = Callable[[str, bool], ImageFile]
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -109,34 +118,126 @@ def is_within(path: str, directory: str) -> bool:
 
 
 def locate(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool,
-           exists: Callable[[str], bool] = os.path.isfile) -> str:
+           file_factory: FileFactory = ImageFile) -> str:
     """The parent's path, or ParentError saying what was tried and what to do."""
-    return find(f, header, child_path, allow_unsafe=allow_unsafe, exists=exists)[1]
+    return find(f, header, child_path, allow_unsafe=allow_unsafe, file_factory=file_factory)[1]
 
 
 def find(f: ImageFile, header: DynamicHeader, child_path: str, *, allow_unsafe: bool,
-         exists: Callable[[str], bool] = os.path.isfile) -> tuple[str, str]:
-    """(what found it, the parent's path), or ParentError saying what was tried and what to do."""
+         strict_timestamp: bool = False, file_factory: FileFactory = ImageFile) -> tuple[str, str]:
+    """(what found it, the parent's path): the first candidate that is the child's parent.
+
+    Every candidate is tried in order; one that is missing, outside the child's directory
+    (unless allow_unsafe), unreadable, of another unique id or (with strict_timestamp) of
+    another timestamp is passed over, so a stale copy where the first locator points does
+    not hide the real parent at the next.  Only the footer of a candidate is read, so a
+    wrong image is never opened (nor repaired by a read-write open).  When none is the
+    parent: ParentSearchFailed naming every candidate and why it was refused, or
+    ParentTimestampMismatch when the only ones with the right id were refused for their
+    timestamp.
+    """
     child_dir = os.path.dirname(os.path.abspath(child_path))
-    tried: list[str] = []
-    unsafe: list[str] = []
+    exists = getattr(file_factory, "exists", os.path.isfile)
+    refused: list[Refusal] = []
+    seen: set[str] = set()
     for what, path in candidates(f, header, child_path):
         norm = os.path.normpath(path)
-        if not exists(norm):
-            tried.append(f"{what} {norm}")
-            continue
-        if not allow_unsafe and not is_within(norm, child_dir):
-            unsafe.append(f"{what} {norm}")
-            continue
-        return what, norm
-    if unsafe:
-        raise ParentError(
-            f"{child_path}: the parent image ({'; '.join(unsafe)}) lies outside the child's directory "
-            f"{child_dir}; pass allow_unsafe_parent=True (vhdblkctl: --allow-unsafe-parent, vhdtab: "
-            "allow_unsafe_parent) if you trust it")
-    raise ParentError(
-        f"{child_path}: parent image not found (tried: {'; '.join(tried) or 'no locator or name present'}); "
-        "put the parent back, or point the child at its new place: vhdblkctl set-parent CHILD PARENT")
+        if norm in seen:
+            continue  # the locators and the name often name one file: try it, and list it, once
+        seen.add(norm)
+        reason = _refusal(norm, header, child_path, allow_unsafe, strict_timestamp, exists, file_factory)
+        if reason is None:
+            return what, norm
+        refused.append(Refusal(what, norm, *reason))
+    raise _search_failed(child_path, child_dir, header, refused)
+
+
+class Refusal(NamedTuple):
+    """One candidate the parent search passed over, and why."""
+
+    found_by: str
+    path: str
+    reason: str  # "not-found", "unsafe", "unreadable", "wrong-id", "timestamp"
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.found_by} {self.path}: {self.detail}"
+
+
+def _refusal(path: str, header: DynamicHeader, child_path: str, allow_unsafe: bool, strict_timestamp: bool,
+             exists: Callable[[str], bool], file_factory: FileFactory) -> tuple[str, str] | None:
+    """None if `path` is the child's parent, else (reason, words)."""
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    if not exists(path):
+        return "not-found", "not found"
+    if not allow_unsafe and not is_within(path, child_dir):
+        # Checked before the file is read: a crafted child must not make us open it at all.
+        return "unsafe", f"lies outside the child's directory {child_dir}"
+    try:
+        unique_id, mtime = identify(path, file_factory)
+    except (OSError, VhdError) as exc:
+        return "unreadable", f"unreadable ({exc})"
+    if unique_id != header.parent_unique_id:
+        return "wrong-id", (f"unique id {uuid.UUID(bytes=unique_id)}, but the child expects "
+                            f"{uuid.UUID(bytes=header.parent_unique_id)}: a different image")
+    link = ParentLink(child_path, path, "", header.parent_unique_id, unique_id, header.parent_timestamp, mtime)
+    if strict_timestamp and not link.timestamp_matches:
+        return "timestamp", link.timestamp_words()
+    return None
+
+
+def identify(path: str, file_factory: FileFactory = ImageFile) -> tuple[bytes, int]:
+    """(unique id, VHD mtime) of the image at `path`, from its footer alone (CorruptImage if it has none).
+
+    The trailing footer (512 bytes, or the old 511-byte form) first, then the copy a
+    dynamic image keeps at offset 0, as layout.scan reads them.
+    """
+    f = file_factory(path, False)
+    try:
+        size = f.size()
+        tail = c.SECTOR_SIZE - 1 if size % c.SECTOR_SIZE == c.SECTOR_SIZE - 1 else c.SECTOR_SIZE
+        for offset, length in ((size - tail, tail), (0, c.SECTOR_SIZE)):
+            if offset < 0:
+                continue
+            raw = f.pread(offset, length)
+            if len(raw) != length:
+                continue
+            try:
+                footer = Footer.unpack(raw + bytes(c.SECTOR_SIZE - length), 0)
+            except CorruptImage:
+                continue
+            return footer.unique_id, vhd_mtime(f.mtime())
+        raise CorruptImage(f"{path}: no valid VHD footer at its end or at offset 0; not a VHD image")
+    finally:
+        f.close()
+
+
+def _search_failed(child: str, child_dir: str, header: DynamicHeader, refused: list[Refusal]) -> ParentError:
+    """The error when no candidate is the parent: each one tried, why it was refused, what to do."""
+    expected = uuid.UUID(bytes=header.parent_unique_id)
+    tried = "; ".join(map(str, refused)) or "no locator or name present"
+    reasons = {r.reason for r in refused}
+    if reasons <= {"not-found"}:
+        head = f"{child}: parent image not found"
+    else:
+        head = f"{child}: no candidate is the parent image (unique id {expected})"
+    todo = [f"point the child at the image whose unique id is {expected}: vhdblkctl set-parent {child} PARENT"]
+    if "unsafe" in reasons:
+        todo.insert(0, f"if you trust a candidate outside {child_dir}, pass allow_unsafe_parent=True "
+                       "(vhdblkctl: --allow-unsafe-parent, vhdtab: allow_unsafe_parent)")
+    if "not-found" in reasons and len(reasons) == 1:
+        todo.insert(0, "put the parent back")
+    if "wrong-id" in reasons:
+        todo.append("only if a candidate holds the very same data under a new id: "
+                    f"vhdblkctl set-parent --ignore-id-mismatch {child} THAT-CANDIDATE")
+    text = f"{head} (tried: {tried}); {', or '.join(todo)}"
+    if "timestamp" in reasons:
+        return ParentTimestampMismatch(
+            f"{text}. A timestamp was refused because strict_parent_timestamp is set (vhdblkctl: "
+            "--strict-parent-timestamp, vhdtab: strict_parent_timestamp); without that option a parent "
+            f"whose unique id matches is accepted, or `vhdblkctl set-parent {child} PARENT` records the "
+            "parent's current timestamp", refused)
+    return ParentSearchFailed(text, refused)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,7 +265,11 @@ class ParentLink:
         return self.timestamp == self.expected_timestamp
 
     def timestamp_note(self) -> str:
-        """Why the timestamps differ, in words, and that it is harmless by itself."""
+        """Why the timestamps differ, in words, naming the child and the parent."""
+        return f"{self.child}: parent {self.path}: {self.timestamp_words()}"
+
+    def timestamp_words(self) -> str:
+        """Why the timestamps differ, in words."""
         now = vhd_timestamp_to_iso(self.timestamp)
         if self.expected_timestamp == 0:
             what = (f"the child records no parent timestamp (0, as Windows 10 writes); the parent's "
@@ -172,7 +277,7 @@ class ParentLink:
         else:
             what = (f"the child records parent timestamp {vhd_timestamp_to_iso(self.expected_timestamp)}, "
                     f"the parent's mtime is {now} (the parent was copied or touched)")
-        return f"{self.child}: parent {self.path}: {what}"
+        return what
 
 
 def link_to(child: str, header: DynamicHeader, found_by: str, parent: VhdImage) -> ParentLink:

@@ -73,7 +73,8 @@ def set_parent(child: str, new_parent: str, *, ignore_id_mismatch: bool = False,
             raise UnsupportedImage(f"{child}: only a differencing image has a parent to set")
         header = lay.header
         try:
-            previous: str | None = parent_mod.locate(m.file, header, child, allow_unsafe=True, exists=exists)
+            previous: str | None = parent_mod.locate(m.file, header, child, allow_unsafe=True,
+                                                                file_factory=file_factory)
         except ParentError:
             previous = None
         _refuse_loop(child, parent_abs, allow_unsafe_parent, file_factory)
