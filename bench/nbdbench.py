@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ class Config:
     argv: tuple[str, ...]  # as given, for the report
 
 
-SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "kernel")
+SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel")
 # vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs.
 SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit")
 
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str]) -> Config:
                    help="size of each fresh dynamic image for the allocation workloads (default 8192)")
     p.add_argument("--mem-size-gib", type=int, help="dynamic image for the RSS check (default 100)")
     p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
-    p.add_argument("--sections", default=",".join(SECTIONS[:5]),
+    p.add_argument("--sections", default=",".join(SECTIONS[:6]),
                    help=f"comma list of {','.join(SECTIONS)} (kernel is opt-in; default: %(default)s)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
@@ -330,20 +331,35 @@ class Row:
     label: str
     runs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     note: str = ""
+    unit: str = "IOPS"  # IOPS rows go in the main table; "s" and "MiB" rows in their own
 
     def median(self, server: str) -> float | None:
         v = self.runs.get(server)
         return statistics.median(v) if v else None
 
+    def spread(self, server: str) -> tuple[float, float] | None:
+        """(min, max) of the runs, or None for fewer than two runs."""
+        v = self.runs.get(server)
+        return (min(v), max(v)) if v and len(v) > 1 else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """`num` / `den` must be >= `ratio` (medians of two cells)."""
+    """`num` / `den` (medians of two cells) must be >= `ratio`, or <= it when `at_most`."""
 
     label: str
     num: tuple[str, str]  # (row key, column)
     den: tuple[str, str]
     ratio: float
+    at_most: bool = False
+
+    def met(self, value: float) -> bool:
+        return value <= self.ratio if self.at_most else value >= self.ratio
+
+
+def _runs(rows: dict[str, Row], cell: tuple[str, str]) -> list[float]:
+    row = rows.get(cell[0])
+    return row.runs.get(cell[1], []) if row is not None else []
 
 
 def ratio(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> float | None:
@@ -352,6 +368,19 @@ def ratio(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> f
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def ratio_spread(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> tuple[float, float] | None:
+    """(min, max) of the per-run ratios, or None for fewer than two runs.
+
+    The servers take turns run by run, so run n of one cell is paired with
+    run n of the other (the same moment of the machine); cells with unequal
+    run counts get the extremes, min/max and max/min."""
+    a, b = _runs(rows, num), _runs(rows, den)
+    if len(a) < 2 and len(b) < 2 or not a or not b or min(b) <= 0:
+        return None
+    per_run = [x / y for x, y in zip(a, b, strict=True)] if len(a) == len(b) else [min(a) / max(b), max(a) / min(b)]
+    return min(per_run), max(per_run)
 
 
 # --------------------------------------------------------------------------
@@ -502,18 +531,36 @@ TARGETS = (
              (f"fixed/{j.key}", "vhdblkd-simple"), 0.95) for j in FIXED_JOBS),
     *(Target(f"{name} {j.label}: structured replies >= 0.95x simple", (f"{name}/{j.key}", "vhdblkd"),
              (f"{name}/{j.key}", "vhdblkd-simple"), 0.95) for name in ("dyn", "diff") for j in READ_JOBS),
-    Target("nbdcopy sparse 10 GiB: vhdblkd >= 1.0x qemu-nbd", ("sparse/nbdcopy", "vhdblkd"),
-           ("sparse/nbdcopy", "qemu-nbd"), 1.0),
+    Target("nbdcopy of the sparse image: vhdblkd's time <= 1.0x qemu-nbd's", ("sparse/nbdcopy", "vhdblkd"),
+           ("sparse/nbdcopy", "qemu-nbd"), 1.0, at_most=True),
+    Target("nbdcopy of the sparse image: vhdblkd sends <= 1.1x the allocated data", ("sparse/read-mib", "vhdblkd"),
+           ("sparse/read-mib", "allocated"), 1.1, at_most=True),
+    *(Target(f"vhdblkctl {cmd}: <= 2x python -c pass", (f"cli/{key}", "vhdblkctl"), ("cli/pass", "python"), 2.0,
+             at_most=True) for cmd, key in (("info", "info"), ("--help", "help"), ("list", "list"))),
 )
 COLUMNS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "psync")
 
 
-def fmt_iops(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}"
+def short(v: float) -> str:
+    """A number in three or four digits, for a spread: 132.0k, 1,555, 0.91."""
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def fmt_ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+def fmt_iops(v: float | None, spread: tuple[float, float] | None = None) -> str:
+    if v is None:
+        return "-"
+    text = f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+    return text if spread is None else f"{text} ({short(spread[0])}-{short(spread[1])})"
+
+
+def fmt_ratio(v: float | None, spread: tuple[float, float] | None = None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}x" if spread is None else f"{v:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def row_ratios(row: Row) -> dict[str, float | None]:
@@ -525,17 +572,16 @@ def row_ratios(row: Row) -> dict[str, float | None]:
     return out
 
 
-def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
-    head = ["workload (IOPS, median)", *COLUMNS, "vs nbdkit", "vs qemu-nbd"]
-    body = []
-    for row in rows.values():
-        r = row_ratios(row)
-        body.append([row.label, *(fmt_iops(row.median(c)) for c in COLUMNS),
-                     fmt_ratio(r["nbdkit"]), fmt_ratio(r["qemu-nbd"])])
+def row_ratio_spreads(row: Row) -> dict[str, tuple[float, float] | None]:
+    single = {row.key: row}
+    return {other: ratio_spread(single, (row.key, "vhdblkd"), (row.key, other)) for other in ("nbdkit", "qemu-nbd")}
+
+
+def grid(head: list[str], body: list[list[str]], md: bool) -> list[str]:
+    """A markdown table, or plain columns (first left-aligned, the rest right-aligned)."""
     if md:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return lines
+        return lines + ["| " + " | ".join(b) + " |" for b in body]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
 
     def fmt(cells: list[str]) -> str:
@@ -544,11 +590,27 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
     return [fmt(head), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
 
 
-def target_lines(rows: dict[str, Row]) -> list[tuple[str, float | None, bool | None]]:
+def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    head = ["workload (IOPS, median (min-max))", *COLUMNS, "vs nbdkit", "vs qemu-nbd"]
+    body = []
+    for row in rows.values():
+        if row.unit != "IOPS":
+            continue
+        r, rs = row_ratios(row), row_ratio_spreads(row)
+        body.append([row.label, *(fmt_iops(row.median(c), row.spread(c)) for c in COLUMNS),
+                     fmt_ratio(r["nbdkit"], rs["nbdkit"]), fmt_ratio(r["qemu-nbd"], rs["qemu-nbd"])])
+    return grid(head, body, md) if body else []
+
+
+def target_lines(rows: dict[str, Row]) -> list[tuple[str, float | None, bool | None, tuple[float, float] | None,
+                                                    bool]]:
+    """(label, ratio, met, per-run range, whether that range spans the target: within noise)."""
     out = []
     for t in TARGETS:
         v = ratio(rows, t.num, t.den)
-        out.append((t.label, v, None if v is None else v >= t.ratio))
+        rs = ratio_spread(rows, t.num, t.den)
+        noisy = rs is not None and rs[0] <= t.ratio <= rs[1]
+        out.append((t.label, v, None if v is None else t.met(v), rs, noisy))
     return out
 
 
@@ -582,8 +644,9 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
                 f"Machine: {mach}.", "", f"Settings: {settings}.", ""]
     else:
         out += [f"machine: {mach}", f"settings: {settings}", ""]
-    out += table_lines(rows, md)
-    out += ["",
+    iops = table_lines(rows, md)
+    out += iops
+    out += [] if not iops else ["",
             "Servers: `vhdblkd export --unix`; `qemu-nbd -f vpc --cache=writeback` on the same VHD; "
             "`nbdkit file` on the raw twin; psync = fio --ioengine=psync on the raw file (QD1, the ceiling). "
             "All over unix sockets, driven by fio --ioengine=nbd.",
@@ -591,12 +654,14 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
             "chain row does less work than ours.",
             "Single runs of one cell can differ by a factor of two on a small shared machine "
             "(QD1 rows most); results.json keeps every run."]
-    out += ["", "Targets:" if not md else "| target | measured | met |"]
-    if md:
-        out.append("|---|---:|:---:|")
-    for label, v, ok in target_lines(rows):
-        mark = "n/a" if ok is None else ("yes" if ok else "NO")
-        out.append(f"| {label} | {fmt_ratio(v)} | {mark} |" if md else f"  {label:62} {fmt_ratio(v):>8}  {mark}")
+    out += sparse_lines(rows, md) + cli_lines(rows, md)
+    out += ["", "Targets (ratio of the medians; in brackets the range of the per-run ratios; "
+                "* the range spans the target, so the gap is within the noise):"]
+    body = []
+    for label, v, ok, rs, noisy in target_lines(rows):
+        mark = "n/a" if ok is None else ("yes" if ok else "NO") + ("*" if noisy else "")
+        body.append([label, fmt_ratio(v, rs), mark])
+    out += grid(["target", "measured (min-max)", "met"], body, md)
     mem = results.get("memory")
     fixed_rss = results.get("fixed_rss_kib")
     if isinstance(mem, dict) or isinstance(fixed_rss, dict):
@@ -628,11 +693,75 @@ SPARSE_SIZE = 10 * GiB
 SPARSE_DATA = 100 * MiB
 
 
-def section_sparse(cfg: Config, rows: dict[str, Row]) -> None:
-    """nbdcopy of a 10 GiB dynamic image holding 100 MiB: block status lets a copy skip the rest.
+class CountingRelay:
+    """A unix-socket relay that counts the bytes the server sends: what a client read from it.
 
-    The cell is the virtual disk copied per second (MiB/s, higher is better);
-    qemu-nbd -f vpc reports allocation for dynamic VHDs too."""
+    It stands between nbdcopy and a server for one copy apart from the timed
+    ones (a Python relay slows the copy it counts). Every connection nbdcopy
+    opens is relayed, in both directions."""
+
+    def __init__(self, listen: Path, server: Path) -> None:
+        self.listen, self.server = listen, server
+        self.server_bytes = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> CountingRelay:
+        with contextlib.suppress(FileNotFoundError):
+            self.listen.unlink()
+        self._sock = socket.socket(socket.AF_UNIX)
+        self._sock.bind(str(self.listen))
+        self._sock.listen(16)
+        self._sock.settimeout(0.1)
+        self._start(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in list(self._threads):
+            t.join(timeout=30)
+        self._sock.close()
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.server))
+            self._start(self._pump, upstream, client, True)
+            self._start(self._pump, client, upstream, False)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        buf = bytearray(MiB)
+        view = memoryview(buf)
+        total = 0
+        with contextlib.suppress(OSError):
+            while n := src.recv_into(buf):
+                dst.sendall(view[:n])
+                total += n
+            dst.shutdown(socket.SHUT_WR)
+        if count:
+            with self._lock:
+                self.server_bytes += total
+
+
+def section_sparse(cfg: Config, rows: dict[str, Row]) -> None:
+    """nbdcopy of a 10 GiB dynamic image holding 100 MiB, to null:.
+
+    Block status lets a copy skip the unallocated rest; qemu-nbd -f vpc
+    reports allocation for dynamic VHDs too, vhdblkd-simple (no structured
+    replies, so no block status) must send every byte. Timed copies go
+    straight to the server; one more copy per server goes through a counting
+    relay, to count the bytes read from the server."""
     from vhdblkd.vhd.create import create_dynamic  # the bench runs in the project venv
     from vhdblkd.vhd.image import open_image
 
@@ -646,19 +775,108 @@ def section_sparse(cfg: Config, rows: dict[str, Row]) -> None:
     with open_image(str(img)) as image:
         for b in range(blocks):
             image.write(b * stride * VHD_BLOCK, chunk)
-    key = "sparse/nbdcopy"
-    rows[key] = Row(key, "nbdcopy sparse dynamic (MiB/s virtual)",
-                    note=f"{size // GiB} GiB image, {data // MiB} MiB allocated, to null:")
+    what = f"{size // GiB} GiB dynamic VHD holding {data // MiB} MiB"
+    timed = rows["sparse/nbdcopy"] = Row("sparse/nbdcopy", f"nbdcopy of a {what}, to null: (s)", unit="s")
+    read = rows["sparse/read-mib"] = Row("sparse/read-mib", "MiB read from the server", unit="MiB",
+                                         runs={"allocated": [data / MiB]})
     servers = [s for s in ("vhdblkd", "vhdblkd-simple", "qemu-nbd") if s in cfg.servers]
     for n in range(cfg.runs):
         for kind in servers:
             with serving(cfg, kind, img, read_only=True) as (sock, _):
                 started = time.monotonic()
                 run(["nbdcopy", f"nbd+unix:///?socket={sock}", "null:"])
-                rate = size / MiB / (time.monotonic() - started)
-            rows[key].runs.setdefault(kind, []).append(rate)
-            log(f"sparse run {n + 1}/{cfg.runs} {kind:14} {rate:10.0f} MiB/s")
+                seconds = time.monotonic() - started
+                if n == 0:
+                    with CountingRelay(cfg.workdir / "relay.sock", sock) as relay:
+                        run(["nbdcopy", f"nbd+unix:///?socket={relay.listen}", "null:"])
+                    read.runs[kind] = [relay.server_bytes / MiB]
+            timed.runs.setdefault(kind, []).append(seconds)
+            log(f"sparse run {n + 1}/{cfg.runs} {kind:14} {seconds:8.3f} s"
+                + (f", {read.runs[kind][0]:.1f} MiB read" if n == 0 else ""))
     img.unlink()
+
+
+def sparse_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    timed, read = rows.get("sparse/nbdcopy"), rows.get("sparse/read-mib")
+    if timed is None or read is None:
+        return []
+    body = []
+    for kind in timed.runs:
+        t = timed.median(kind)
+        mib = read.median(kind)
+        vs = ratio(rows, ("sparse/nbdcopy", kind), ("sparse/nbdcopy", "qemu-nbd"))
+        vs_rs = ratio_spread(rows, ("sparse/nbdcopy", kind), ("sparse/nbdcopy", "qemu-nbd"))
+        body.append([kind, f"{t:.3f}" + ("" if (sp := timed.spread(kind)) is None else f" ({sp[0]:.3f}-{sp[1]:.3f})"),
+                     "-" if mib is None else f"{mib:,.1f}", fmt_ratio(vs, vs_rs)])
+    return ["", *grid([timed.label.removesuffix(" (s)"), "seconds (median (min-max))", "MiB read from the server",
+                       "time vs qemu-nbd"], body, md)]
+
+
+CLI_RUNS = 21  # runs of each command: a startup is short, so many runs are cheap
+CLI_COMMANDS = (  # (row, label, column, argv template, expected exit code)
+    ("cli/info", "info IMAGE", "vhdblkctl", ("{ctl}", "info", "{img}"), 0),
+    ("cli/info", "info IMAGE", "qemu-img", ("qemu-img", "info", "{img}"), 0),
+    ("cli/help", "--help", "vhdblkctl", ("{ctl}", "--help"), 0),
+    ("cli/help", "--help", "qemu-img", ("qemu-img", "--help"), 0),
+    ("cli/list", "list (no daemon: the 'not running' error)", "vhdblkctl", ("{ctl}", "list"), 1),
+    ("cli/pass", "python -c pass (the same venv)", "python", ("{python}", "-c", "pass"), 0),
+)
+
+
+def section_cli(cfg: Config, rows: dict[str, Row]) -> None:
+    """Wall time of vhdblkctl commands against qemu-img's and an empty Python start.
+
+    Byte-compiled files are used as an installed package has them (a warm-up
+    run writes any that are missing). `list` is measured without a daemon,
+    which needs the nbd driver: it prints the clear 'not running' error."""
+    bindir = Path(cfg.vhdblkd).parent
+    img = cfg.workdir / "cli.vhd"
+    qemu_img_create(img, "dynamic", cfg.fixed_size)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["VHDBLKD_CONTROL"] = str(cfg.workdir / "no-daemon.sock")
+    cmds = [(key, label, col, [a.format(ctl=bindir / "vhdblkctl", python=bindir / "python", img=img) for a in argv],
+             rc) for key, label, col, argv, rc in CLI_COMMANDS]
+    for key, label, _, _, _ in cmds:
+        rows.setdefault(key, Row(key, label, unit="ms"))
+    for _ in range(2):  # warm-up: byte-compile, fill the page cache
+        for _key, _label, _col, argv, rc in cmds:
+            res = subprocess.run(argv, capture_output=True, env=env, check=False)
+            if res.returncode != rc:
+                raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}, not {rc}:\n{res.stderr.decode()}")
+    n_runs = 3 if cfg.quick else CLI_RUNS
+    for _ in range(n_runs):
+        for key, _label, col, argv, _rc in cmds:
+            started = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False)
+            rows[key].runs.setdefault(col, []).append((time.perf_counter() - started) * 1000)
+    for key, _label, col, _argv, _rc in cmds:
+        log(f"cli: {key:9} {col:9} {rows[key].median(col):7.1f} ms median of {n_runs}")
+    img.unlink()
+
+
+def cli_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    if "cli/pass" not in rows:
+        return []
+
+    def ms(key: str, col: str) -> str:
+        row = rows[key]
+        v = row.median(col)
+        if v is None:
+            return "-"
+        sp = row.spread(col)
+        return f"{v:.1f}" + ("" if sp is None else f" ({sp[0]:.1f}-{sp[1]:.1f})")
+
+    body = []
+    for key in ("cli/info", "cli/help", "cli/list"):
+        if key not in rows:
+            continue
+        vs = [(("cli/pass", "python")), ((key, "qemu-img"))]
+        body.append([rows[key].label, ms(key, "vhdblkctl"), ms(key, "qemu-img"),
+                     *(fmt_ratio(ratio(rows, (key, "vhdblkctl"), d), ratio_spread(rows, (key, "vhdblkctl"), d))
+                       for d in vs)])
+    body.append([rows["cli/pass"].label, ms("cli/pass", "python"), "-", "1.00x", "-"])
+    return ["", *grid(["command (wall ms, median (min-max))", "vhdblkctl", "qemu-img", "vs python -c pass",
+                       "vs qemu-img"], body, md)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -679,6 +897,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("read", lambda: section_read(cfg, rows)),
         ("memory", lambda: section_memory(cfg, results)),
         ("sparse", lambda: section_sparse(cfg, rows)),
+        ("cli", lambda: section_cli(cfg, rows)),
         ("kernel", lambda: section_kernel(cfg, results)),
     ]
     started = time.monotonic()
@@ -694,11 +913,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                            for k, v in dataclasses.asdict(cfg).items()}
     results["elapsed_seconds"] = round(time.monotonic() - started, 1)
     results["rows"] = [
-        {"key": r.key, "label": r.label, "note": r.note, "runs": r.runs,
-         "median": {c: r.median(c) for c in r.runs}, "ratio_vs": row_ratios(r)}
+        {"key": r.key, "label": r.label, "note": r.note, "unit": r.unit, "runs": r.runs,
+         "median": {c: r.median(c) for c in r.runs},
+         "min": {c: min(v) for c, v in r.runs.items()}, "max": {c: max(v) for c, v in r.runs.items()},
+         "ratio_vs": row_ratios(r), "ratio_vs_spread": row_ratio_spreads(r)}
         for r in rows.values()
     ]
-    results["targets"] = [{"target": label, "ratio": v, "met": ok} for label, v, ok in target_lines(rows)]
+    results["targets"] = [{"target": label, "ratio": v, "met": ok, "ratio_spread": rs, "within_noise": noisy}
+                          for label, v, ok, rs, noisy in target_lines(rows)]
     cfg.outdir.mkdir(parents=True, exist_ok=True)
     (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (cfg.outdir / "RESULTS.md").write_text(render(cfg, rows, results, md=True))

@@ -26,7 +26,7 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
-    assert "workload (IOPS, median)" in out
+    assert "workload (IOPS, median (min-max))" in out
     for label in ("fixed rand read 4k QD16", "fresh dynamic rand write 4k QD16",
                   "half-alloc dynamic rand read 4k QD1", "2-level diff chain rand read 4k QD16"):
         assert label in out, out
@@ -42,10 +42,25 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     for key in ("dyn/randread-4k-qd1", "diff/randread-4k-qd16", "sparse/nbdcopy"):
         assert set(rows[key]["median"]) == {"vhdblkd", "vhdblkd-simple", "qemu-nbd"}, key
     assert all(v > 0 for r in rows.values() for v in r["median"].values())
+    # every cell has its spread; with one run (--quick) it is the value itself
+    assert all(r["min"][c] <= r["median"][c] <= r["max"][c] for r in rows.values() for c in r["runs"])
+    # the sparse copy: block status lets vhdblkd and qemu-nbd send the allocated 8 MiB, while
+    # vhdblkd-simple (no structured replies, no block status) sends all of the 1 GiB
+    read = rows["sparse/read-mib"]["median"]
+    assert read["allocated"] == 8
+    assert 8 <= read["vhdblkd"] < 9 and 8 <= read["qemu-nbd"] < 9, read
+    assert read["vhdblkd-simple"] >= 1024, read
+    # the command line's startup against qemu-img's and an empty python
+    assert set(rows["cli/info"]["median"]) == {"vhdblkctl", "qemu-img"}
+    assert set(rows["cli/list"]["median"]) == {"vhdblkctl"} and set(rows["cli/pass"]["median"]) == {"python"}
+    assert "vhdblkctl info: <= 2x python -c pass" in out
     # every target got a measured ratio
     assert all(t["ratio"] is not None for t in results["targets"]), results["targets"]
     mem = results["memory"]
     assert all(mem[k]["VmRSS"] > 0 for k in ("idle_kib_small", "idle_kib_big", "after_write_kib"))
-    assert "| workload (IOPS, median) |" in (tmp_path / "RESULTS.md").read_text()
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| workload (IOPS, median (min-max)) |" in md
+    assert "| nbdcopy of a 1 GiB dynamic VHD holding 8 MiB, to null: |" in md
+    assert "| info IMAGE |" in md
     # the scratch directory given with --workdir is kept, but images are gone
     assert not list(work.glob("*.vhd")) and not list(work.glob("*.raw"))
