@@ -830,11 +830,13 @@ def section_cli(cfg: Config, rows: dict[str, Row]) -> None:
     run writes any that are missing). `list` is measured without a daemon,
     which needs the nbd driver: it prints the clear 'not running' error."""
     bindir = Path(cfg.vhdblkd).parent
+    # the interpreter vhdblkctl runs on: the venv's, or the system's for an installed package
+    python = bindir / "python3" if (bindir / "python3").exists() else Path(sys.executable)
     img = cfg.workdir / "cli.vhd"
     qemu_img_create(img, "dynamic", cfg.fixed_size)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["VHDBLKD_CONTROL"] = str(cfg.workdir / "no-daemon.sock")
-    cmds = [(key, label, col, [a.format(ctl=bindir / "vhdblkctl", python=bindir / "python", img=img) for a in argv],
+    cmds = [(key, label, col, [a.format(ctl=bindir / "vhdblkctl", python=python, img=img) for a in argv],
              rc) for key, label, col, argv, rc in CLI_COMMANDS]
     for key, label, _, _, _ in cmds:
         rows.setdefault(key, Row(key, label, unit="ms"))
