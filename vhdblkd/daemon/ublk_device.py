@@ -60,7 +60,12 @@ class UblkAttachment:
         return 0
 
     def stats(self) -> dict[str, int]:
-        return {"requests": sum(q.requests for q in self.dev.queues)}
+        """The NBD attachment's counters (reads, writes, bytes, flushes, trims, errors), summed over queues."""
+        total: dict[str, int] = {}
+        for q in self.dev.queues:
+            for name, value in q.stats.as_dict().items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     def record(self) -> dict[str, Any]:
         return {"transport": "ublk", "index": self.dev.dev_id, "queues": len(self.dev.queues)}

@@ -54,11 +54,56 @@ def desc_array_length(depth: int) -> int:
     return _round_up(depth * IoDesc.SIZE, _PAGE)
 
 
+def io_opcodes(encoded: bool) -> tuple[int, int]:
+    """FETCH_REQ and COMMIT_AND_FETCH_REQ, encoded (6.4+) or legacy (6.1-6.3), as the control device chose."""
+    if encoded:
+        return c.UBLK_U_IO_FETCH_REQ, c.UBLK_U_IO_COMMIT_AND_FETCH_REQ
+    return c.UBLK_IO_FETCH_REQ, c.UBLK_IO_COMMIT_AND_FETCH_REQ
+
+
+def _count(stats: QueueStats, op: int, result: int) -> None:
+    stats.requests += 1
+    if result < 0:
+        stats.errors += 1
+    elif op == c.UBLK_IO_OP_READ:
+        stats.reads += 1
+        stats.bytes_read += result
+    elif op == c.UBLK_IO_OP_WRITE:
+        stats.writes += 1
+        stats.bytes_written += result
+    elif op == c.UBLK_IO_OP_FLUSH:
+        stats.flushes += 1
+    elif op == c.UBLK_IO_OP_DISCARD:
+        stats.trims += 1
+    elif op == c.UBLK_IO_OP_WRITE_ZEROES:
+        stats.writes += 1
+
+
 class Handler(Protocol):
     """Serves one request: `buf` is the tag's buffer (data in for writes, out for reads)."""
 
     def __call__(self, op: int, flags: int, offset: int, length: int, buf: memoryview) -> int:
         """Return the bytes done (READ/WRITE), 0 (others), or -errno."""
+
+
+class QueueStats:
+    """One queue's counters, bumped only by its thread (the names are the NBD transport's)."""
+
+    __slots__ = ("reads", "writes", "bytes_read", "bytes_written", "flushes", "trims", "errors", "requests", "enters")
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.writes = 0  # WRITE and WRITE_ZEROES
+        self.bytes_read = 0
+        self.bytes_written = 0  # WRITE payload bytes
+        self.flushes = 0  # FLUSH requests served
+        self.trims = 0  # DISCARD requests
+        self.errors = 0  # requests completed with -errno
+        self.requests = 0
+        self.enters = 0  # io_uring_enter calls that waited for requests: requests / enters is the batch size
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Queue:
@@ -72,11 +117,10 @@ class Queue:
         self.depth = depth
         self.io_buf_bytes = io_buf_bytes
         self.handler = handler
-        self.fetch_op = c.UBLK_U_IO_FETCH_REQ if encoded else c.UBLK_IO_FETCH_REQ
-        self.commit_op = c.UBLK_U_IO_COMMIT_AND_FETCH_REQ if encoded else c.UBLK_IO_COMMIT_AND_FETCH_REQ
+        self.fetch_op, self.commit_op = io_opcodes(encoded)
         self.armed = threading.Event()
         self.error: BaseException | None = None
-        self.requests = 0
+        self.stats = QueueStats()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC)
         self._wake_buf = ctypes.create_string_buffer(8)
         self._thread = threading.Thread(target=self._main, name=f"ublk-q{q_id}", daemon=True)
@@ -101,6 +145,10 @@ class Queue:
         """Ask the thread to stop serving between two batches, leaving the device to a later server."""
         if self._wake >= 0:
             os.eventfd_write(self._wake, 1)
+
+    @property
+    def requests(self) -> int:
+        return self.stats.requests
 
     @property
     def alive(self) -> bool:
@@ -152,11 +200,12 @@ class Queue:
         self.armed.set()
         live = depth
         pending = early
-        unpack, handler = IO_DESC.unpack_from, self.handler
+        unpack, handler, stats = IO_DESC.unpack_from, self.handler, self.stats
         released = False
         while live and not released:
             if not pending:
                 ring.submit(wait=1)  # every commit of the last batch goes in this one call
+                stats.enters += 1
                 pending = ring.completions()
             for tag, res, _flags in pending:
                 if tag == _WAKE:
@@ -178,7 +227,7 @@ class Queue:
                 except Exception:  # noqa: BLE001 - a bug in the handler must not wedge the device
                     log.exception("ublk queue %d tag %d: request failed", q_id, tag)
                     result = -errno.EIO
-                self.requests += 1
+                _count(stats, op_flags & 0xFF, result)
                 prep(sq, uring_cmd, fd, off=commit_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, result, base + start))
             pending = []
         if released:
