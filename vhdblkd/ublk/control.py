@@ -6,8 +6,16 @@ for commands with a payload (ADD_DEV, SET_PARAMS, GET_DEV_INFO,
 GET_FEATURES) `addr`/`len` pointing at a buffer the kernel reads or fills.
 The kernel runs control commands in a worker thread, so a blocking one
 (START_DEV waits until every queue has FETCHed all its tags) only blocks the
-caller.  Opcodes are the ioctl-encoded `UBLK_U_CMD_*` when GET_FEATURES
-reports UBLK_F_CMD_IOCTL_ENCODE, the legacy numbers otherwise (6.1-6.4).
+caller.
+
+Opcodes (`opcode`, `knows_encoded`): 6.5+ answers GET_FEATURES, and its
+UBLK_F_CMD_IOCTL_ENCODE bit picks the ioctl-encoded `UBLK_U_CMD_*` from the
+start.  6.1-6.4 have no GET_FEATURES, so ADD_DEV goes out with the legacy
+number, which they all take; 6.4 sets UBLK_F_CMD_IOCTL_ENCODE in the flags
+ADD_DEV (and GET_DEV_INFO) hands back, and every later command of that
+descriptor, and the queues' FETCH/COMMIT, is encoded.  A 6.4 built without
+CONFIG_BLKDEV_UBLK_LEGACY_OPCODES refuses the legacy ADD_DEV with
+EOPNOTSUPP: it is sent once more, encoded.
 """
 
 from __future__ import annotations
@@ -44,6 +52,17 @@ _OPCODES = {
 }
 
 
+def opcode(name: str, encoded: bool) -> int:
+    """The number of control command `name` (ADD_DEV, ...) in the form the kernel takes."""
+    legacy, enc = _OPCODES[name]
+    return enc if encoded else legacy
+
+
+def knows_encoded(flags: int) -> bool:
+    """True when GET_FEATURES or a device's flags say the kernel takes ioctl-encoded opcodes (6.4+)."""
+    return bool(flags & c.UBLK_F_CMD_IOCTL_ENCODE)
+
+
 def open_control(path: str = CONTROL_PATH) -> int:
     """Open the control device, or say how to get one."""
     check_platform()
@@ -73,7 +92,7 @@ class Control:
         self._lock = threading.Lock()
         self._next = 1
         self.features = self._get_features()
-        self.encoded = bool(self.features & c.UBLK_F_CMD_IOCTL_ENCODE)
+        self.encoded = knows_encoded(self.features)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -100,10 +119,6 @@ class Control:
                     return res
             raise UblkError(f"ublk control command {cmd_op:#x}: no completion")  # pragma: no cover - kernel bug
 
-    def _op(self, name: str) -> int:
-        legacy, encoded = _OPCODES[name]
-        return encoded if self.encoded else legacy
-
     def _run(self, name: str, dev_id: int, buf: ctypes.Array[ctypes.c_char] | None = None, data0: int = 0) -> int:
         header = CtrlCmd(
             dev_id=dev_id,
@@ -111,7 +126,7 @@ class Control:
             addr=ctypes.addressof(buf) if buf is not None else 0,
             data0=data0,
         )
-        res = self._command(self._op(name), header)
+        res = self._command(opcode(name, self.encoded), header)
         if res < 0:
             raise UblkError(f"ublk {name} (device {dev_id}) failed: {os.strerror(-res)}", -res)
         return res
@@ -134,22 +149,30 @@ class Control:
         try:
             self._run("ADD_DEV", info.dev_id, buf)
         except UblkError as exc:
-            if exc.errno == errno.EOPNOTSUPP and not self.encoded:
+            if exc.errno != errno.EOPNOTSUPP or self.encoded:
+                raise
+            self.encoded = True  # 6.4 without legacy opcodes (and without GET_FEATURES)
+            try:
+                self._run("ADD_DEV", info.dev_id, buf)
+            except UblkError as again:
+                if again.errno != errno.EOPNOTSUPP:
+                    raise
                 raise UblkUnavailable(
-                    f"the ublk driver of this kernel ({platform.release()}) takes no legacy opcodes and "
-                    "reports no UBLK_F_CMD_IOCTL_ENCODE; use --transport nbd",
-                    exc.errno,
+                    f"the ublk driver of this kernel ({platform.release()}) refuses ADD_DEV in both the legacy "
+                    "and the ioctl-encoded form; use --transport nbd",
+                    again.errno,
                 ) from None
-            raise
-        out = DevInfo.unpack(buf.raw)
-        if out.flags & c.UBLK_F_CMD_IOCTL_ENCODE and not self.encoded:
+        return self._learn(DevInfo.unpack(buf.raw))
+
+    def _learn(self, info: DevInfo) -> DevInfo:
+        if knows_encoded(info.flags):
             self.encoded = True  # 6.4: encoded opcodes without GET_FEATURES
-        return out
+        return info
 
     def get_dev_info(self, dev_id: int) -> DevInfo:
         buf = ctypes.create_string_buffer(DevInfo.SIZE)
         self._run("GET_DEV_INFO", dev_id, buf)
-        return DevInfo.unpack(buf.raw)
+        return self._learn(DevInfo.unpack(buf.raw))
 
     def set_params(self, dev_id: int, params: Params) -> None:
         buf = ctypes.create_string_buffer(params.pack(), Params.SIZE)
