@@ -1,9 +1,11 @@
 """The ublk and io_uring structures, laid out as `ublk_cmd.h` and `io_uring.h` lay them out.
 
 Each layout is a frozen dataclass with a class-level little-endian
-`struct.Struct`, `SIZE`, `pack()` and `unpack(buf, offset)`.  Explicit pad
-bytes stand where the C compiler puts them, so `SIZE` equals the C
-`sizeof` (tests/ublk/test_structs.py checks every one against the header).
+`struct.Struct` and `SIZE`; `Layout` gives them `pack()` (the fields in
+order) and `unpack(buf, offset)`, and the two with nested structs override
+both.  Explicit pad bytes stand where the C compiler puts them, so `SIZE`
+equals the C `sizeof` (tests/ublk/test_structs.py checks every one against
+the header).
 The queue loop uses `IO_DESC` and `IO_CMD` directly on its hot path.
 """
 
@@ -19,8 +21,23 @@ U32_MAX = 0xFFFFFFFF
 U16_MAX = 0xFFFF
 
 
+class Layout:
+    """pack/unpack for a frozen dataclass whose fields are its STRUCT's items, in order."""
+
+    __slots__ = ()
+    STRUCT: ClassVar[struct.Struct]
+    SIZE: ClassVar[int]
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(*(getattr(self, f.name) for f in dataclasses.fields(self)))  # type: ignore[arg-type]  # every subclass is a dataclass
+
+    @classmethod
+    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
+        return cls(*cls.STRUCT.unpack_from(buf, offset))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class CtrlCmd:
+class CtrlCmd(Layout):
     """struct ublksrv_ctrl_cmd: the 32 bytes in a control SQE's command area."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IHHQQHHI")
@@ -35,18 +52,9 @@ class CtrlCmd:
     pad: int = 0
     reserved: int = 0
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(
-            self.dev_id, self.queue_id, self.len, self.addr, self.data0, self.dev_path_len, self.pad, self.reserved
-        )
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class DevInfo:
+class DevInfo(Layout):
     """struct ublksrv_ctrl_dev_info (64 bytes): ADD_DEV's argument and GET_DEV_INFO's answer."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<HHHHIIiIQQIIQQ")
@@ -67,16 +75,9 @@ class DevInfo:
     reserved1: int = 0
     reserved2: int = 0
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*dataclasses.astuple(self))
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class IoDesc:
+class IoDesc(Layout):
     """struct ublksrv_io_desc (24 bytes): one request, in the per-queue mmap'd array."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
@@ -91,16 +92,9 @@ class IoDesc:
     def op(self) -> int:
         return self.op_flags & 0xFF
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.op_flags, self.nr_sectors, self.start_sector, self.addr)
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class IoCmd:
+class IoCmd(Layout):
     """struct ublksrv_io_cmd (16 bytes): FETCH / COMMIT_AND_FETCH in an I/O SQE's command area."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<HHiQ")
@@ -111,16 +105,9 @@ class IoCmd:
     result: int
     addr: int
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(self.q_id, self.tag, self.result, self.addr)
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ParamBasic:
+class ParamBasic(Layout):
     """struct ublk_param_basic (32 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IBBBBIIQQ")
@@ -136,16 +123,9 @@ class ParamBasic:
     dev_sectors: int
     virt_boundary_mask: int = 0
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*dataclasses.astuple(self))
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ParamDiscard:
+class ParamDiscard(Layout):
     """struct ublk_param_discard (20 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIIIHH")
@@ -158,13 +138,6 @@ class ParamDiscard:
     max_discard_segments: int
     reserved0: int = 0
 
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(*dataclasses.astuple(self))
-
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 # struct ublk_param_devt (16 bytes, read-only: the kernel fills it) and struct
 # ublk_param_zoned (32 bytes) are only carried as zeros to keep the layout.
@@ -173,7 +146,7 @@ PARAM_ZONED_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Params:
+class Params(Layout):
     """struct ublk_params as of 6.12: len, types, basic, discard, devt, zoned (112 bytes with tail padding).
 
     The kernel copies min(len, its own sizeof) bytes, so older kernels (80
@@ -205,7 +178,7 @@ class Params:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SqringOffsets:
+class SqringOffsets(Layout):
     """struct io_sqring_offsets (40 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIIIIIIIQ")
@@ -221,13 +194,9 @@ class SqringOffsets:
     resv1: int = 0
     user_addr: int = 0
 
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class CqringOffsets:
+class CqringOffsets(Layout):
     """struct io_cqring_offsets (40 bytes)."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<IIIIIIIIQ")
@@ -243,13 +212,9 @@ class CqringOffsets:
     resv1: int = 0
     user_addr: int = 0
 
-    @classmethod
-    def unpack(cls, buf: Buffer, offset: int = 0) -> Self:
-        return cls(*cls.STRUCT.unpack_from(buf, offset))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class UringParams:
+class UringParams(Layout):
     """struct io_uring_params (120 bytes): io_uring_setup's in/out argument."""
 
     STRUCT: ClassVar[struct.Struct] = struct.Struct(f"<IIIIIII12x{SqringOffsets.SIZE}s{CqringOffsets.SIZE}s")
