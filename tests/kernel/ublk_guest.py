@@ -170,22 +170,42 @@ def check_kill_recovery(out: Path) -> dict[str, Any]:
 
 
 def check_full_disk(out: Path) -> dict[str, Any]:
-    """A dynamic image on a 24 MiB file system: the guest file system gets errors, space back heals it."""
+    """ext4 on a dynamic image whose host file system is small: fill it until ext4 gets an error;
+    the image stays valid, and once space is back (and e2fsck ran) writes work again."""
     small = Path("/mnt/small")
     small.mkdir(parents=True, exist_ok=True)
-    sh(f"mount -t tmpfs -o size=24m tmpfs {small}")
+    sh(f"mount -t tmpfs -o size=40m tmpfs {small}")
     path = str(small / "full.vhd")
-    create_dynamic(path, 64 * MiB)
-    sh(f"dd if=/dev/zero of={small}/filler bs=1M count=8 status=none")
+    create_dynamic(path, 128 * MiB)
     dev, image = serve(path)
-    full = sh(f"dd if=/dev/urandom of={dev.path} bs=1M count=32 oflag=direct status=none", check=False)
+    mnt = Path("/mnt/full")
+    mnt.mkdir(parents=True, exist_ok=True)
+    sh(f"mkfs.ext4 -q -E lazy_itable_init=1,lazy_journal_init=1 {dev.path} && mount {dev.path} {mnt}")
+    sh(f"head -c 4096 /dev/urandom >{mnt}/before && sync {mnt}/before")
+    # What mkfs allocated stays; a filler takes all but 12 MiB of the rest.
+    sh(f"fallocate -l $(( $(stat -f -c '%a*%S' {small}) - 12*1024*1024 )) {small}/filler")
+    full = sh(f"dd if=/dev/urandom of={mnt}/big bs=1M count=80 conv=fsync status=none", check=False)
+    dmesg = sh("dmesg | tail -20", check=False).stdout
+    sh(f"umount {mnt}", check=False)  # the journal may have aborted: the file system is read-only now
+    host_free_when_full = int(sh(f"echo $(( $(stat -f -c '%a*%S' {small}) ))").stdout)
     sh(f"rm {small}/filler")
-    again = sh(f"dd if=/dev/urandom of={dev.path} bs=1M count=4 seek=40 oflag=direct status=none", check=False)
+    fsck = sh(f"e2fsck -fy {dev.path}", check=False)
+    sh(f"mount {dev.path} {mnt}")
+    again = sh(f"rm -f {mnt}/big && dd if=/dev/urandom of={mnt}/after bs=1M count=4 conv=fsync status=none",
+               check=False)
+    before_ok = sh(f"test -s {mnt}/before", check=False).returncode == 0
+    sh(f"umount {mnt}")
+    fsck_after = sh(f"e2fsck -fn {dev.path}", check=False)
     finish(dev, image)
+    ctl = sh(f"{Path(sys.executable).parent / 'vhdblkctl'} check {path}", check=False)
     report = check_image(path)
     sh(f"cp {path} {out / 'full.vhd'} && umount {small}")
-    return {"full_rc": full.returncode, "full_err": full.stderr[-500:], "again_rc": again.returncode,
-            "again_err": again.stderr[-500:], "check_clean": report.clean, "check": str(report.problems), "image": str(out / "full.vhd")}
+    return {"full_rc": full.returncode, "full_err": full.stderr[-500:], "dmesg": dmesg[-2000:],
+            "host_free_when_full": host_free_when_full, "fsck_rc": fsck.returncode,
+            "again_rc": again.returncode, "again_err": again.stderr[-500:], "before_ok": before_ok,
+            "fsck_after_rc": fsck_after.returncode, "fsck_after": fsck_after.stdout[-1000:],
+            "ctl_check_rc": ctl.returncode, "ctl_check": ctl.stdout[-1000:] + ctl.stderr[-1000:],
+            "check_clean": report.clean, "check": str(report.problems), "image": str(out / "full.vhd")}
 
 
 def check_daemon(out: Path) -> dict[str, Any]:
@@ -208,11 +228,14 @@ def check_daemon(out: Path) -> dict[str, Any]:
             time.sleep(0.2)
         raise RuntimeError("vhdblkd did not come up")
 
+    udevd = _start_udev(out / "udev.log")
     daemon = start()
     attach = subprocess.run([*ctl, "attach", "--transport", "ublk", "--queues", "2", path], env=env,
                             capture_output=True, text=True, check=True)
     dev = attach.stdout.strip()
     listed = subprocess.run([*ctl, "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    sh("udevadm settle -t 60")
+    by_vhd = _link("/dev/disk/by-vhd/daemon")
     sh(f"mkfs.ext4 -q {dev} && mkdir -p /mnt/daemon && mount {dev} /mnt/daemon")
     acked = out / "daemon.acked"
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, "/mnt/daemon/log", str(acked)])
@@ -225,12 +248,40 @@ def check_daemon(out: Path) -> dict[str, Any]:
     writer.send_signal(signal.SIGTERM)
     writer_rc = writer.wait(60)
     sh("umount /mnt/daemon")
+    listed_after = subprocess.run([*ctl, "list", "--json"], env=env, capture_output=True, text=True, check=True).stdout
+    list_text = subprocess.run([*ctl, "list"], env=env, capture_output=True, text=True, check=True).stdout
     detach = subprocess.run([*ctl, "detach", dev], env=env, capture_output=True, text=True)
+    sh("udevadm settle -t 60")
+    by_vhd_after = _link("/dev/disk/by-vhd/daemon")
     daemon.send_signal(signal.SIGTERM)
     daemon_rc = daemon.wait(60)
-    return {"image": path, "device": dev, "listed": json.loads(listed), "writer_rc": writer_rc,
+    udevd.terminate()
+    udevd.wait(30)
+    udev_log = "\n".join(line for line in (out / "udev.log").read_text(errors="replace").splitlines()
+                          if "ublk" in line or "by-vhd" in line)[-3000:]
+    return {"image": path, "device": dev, "listed": json.loads(listed), "listed_after": json.loads(listed_after),
+            "list_text": list_text, "by_vhd": by_vhd, "by_vhd_after_detach": by_vhd_after, "udev": udev_log,
+            "writer_rc": writer_rc,
             "acked_at_kill": at_kill, "acked": int(acked.read_text()), "detach_rc": detach.returncode,
             "detach_err": detach.stderr, "daemon_rc": daemon_rc, "device_gone": not os.path.exists(dev)}
+
+
+def _start_udev(log: Path) -> subprocess.Popen[bytes]:
+    """systemd-udevd from the host's root, with the project's rule (the guest has no udev of its own)."""
+    rules = Path("/etc/udev/rules.d")
+    rules.mkdir(parents=True, exist_ok=True)  # the overlay on the guest's root: the host's stays untouched
+    (rules / "61-vhdblkd.rules").write_bytes((REPO / "packaging/udev/61-vhdblkd.rules").read_bytes())
+    with open(log, "wb") as f:
+        udevd = subprocess.Popen(["/lib/systemd/systemd-udevd", "--debug"], stdout=f, stderr=subprocess.STDOUT)
+    for _ in range(300):
+        if sh("udevadm control --ping", check=False).returncode == 0:
+            return udevd
+        time.sleep(0.1)
+    raise RuntimeError("systemd-udevd did not answer")
+
+
+def _link(path: str) -> str | None:
+    return os.path.realpath(path) if os.path.islink(path) else None
 
 
 _WRITER = """
