@@ -29,6 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import ublkbench  # noqa: E402 - the opt-in ublk section, beside this file
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 QUICK_OUT = Path(tempfile.gettempdir()) / "nbdbench-quick"
@@ -58,7 +61,7 @@ class Config:
     argv: tuple[str, ...]  # as given, for the report
 
 
-SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel")
+SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel", "ublk")
 # vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs.
 SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit")
 
@@ -77,7 +80,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument("--mem-size-gib", type=int, help="dynamic image for the RSS check (default 100)")
     p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
     p.add_argument("--sections", default=",".join(SECTIONS[:6]),
-                   help=f"comma list of {','.join(SECTIONS)} (kernel is opt-in; default: %(default)s)")
+                   help=f"comma list of {','.join(SECTIONS)} (kernel and ublk are opt-in; default: %(default)s)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
     p.add_argument("--out", type=Path,
@@ -686,6 +689,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
         for k, v in kern.items():
             out.append(f"{'- ' if md else '  '}{k}: {v}")
+    out += ublkbench.render_lines(results.get("ublk"), md)
     return "\n".join(out) + "\n"
 
 
@@ -901,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("sparse", lambda: section_sparse(cfg, rows)),
         ("cli", lambda: section_cli(cfg, rows)),
         ("kernel", lambda: section_kernel(cfg, results)),
+        ("ublk", lambda: ublkbench.section_ublk(cfg.runs, cfg.runtime_s, results, quick=cfg.quick)),
     ]
     started = time.monotonic()
     try:
