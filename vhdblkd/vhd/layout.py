@@ -13,6 +13,7 @@ import os
 
 from vhdblkd.errors import CorruptImage, UnsupportedImage, VhdError
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import header_shadow
 from vhdblkd.vhd.blockmap import UNUSED, BlockMap, round_up_sector
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import virtual_size
@@ -56,6 +57,8 @@ class Layout:
     bad_locators: list[int] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
     fatal: VhdError | None = None
+    # Where the header's shadow is when the header itself was torn (header_shadow.py); None if it is whole.
+    header_shadow: int | None = None
 
     def add(self, code: str, message: str, offset: int | None = None) -> None:
         self.problems.append(Problem(code, message, offset))
@@ -195,10 +198,24 @@ def _scan_dynamic(f: ImageFile, lay: Layout) -> None:  # noqa: C901  one check p
         DynamicHeader.unpack(raw, 0)
         lay.header_checksum_ok = True
     except CorruptImage as exc:
+        shadow = header_shadow.find(f, raw, at=hoff, limit=lay.footer_offset, max_locator=MAX_LOCATOR_LENGTH)
+        if shadow is not None:
+            lay.header_shadow, lay.header = shadow
+            lay.add("header-torn", f"{path}: the dynamic header at {hoff} was torn while it was rewritten; "
+                    f"using its complete copy at {lay.header_shadow} (a read-write open writes it back)", hoff)
+            _scan_header(f, lay, lay.header)
+            return
         lay.fail("header-checksum", CorruptImage(
             f"{path}: {str(exc).replace('offset 0', f'offset {hoff}', 1)}; {REPAIR_HINT} "
             "to recompute it if the header is otherwise sound"), hoff + DynamicHeader.CHECKSUM_OFFSET)
         return
+    _scan_header(f, lay, header)
+
+
+def _scan_header(f: ImageFile, lay: Layout, header: DynamicHeader) -> None:  # noqa: C901  one check per field
+    footer = lay.footer
+    assert footer is not None
+    path, hoff = lay.path, footer.data_offset
     bs = header.block_size
     if bs < c.MIN_BLOCK_SIZE or bs > c.MAX_BLOCK_SIZE or bs & (bs - 1):
         lay.fail("block-size", CorruptImage(

@@ -9,6 +9,9 @@ Every step keeps the file openable if it is interrupted:
   damaged or 511-byte trailing footer: the footer is written right after the
   data and the file truncated there;
 - a missing or stale footer copy at offset 0 is rewritten from the footer;
+- a dynamic header torn while set_parent rewrote it is written back from its
+  shadow (header_shadow.py), one write, fdatasync; a tear of that write
+  leaves the shadow in place to do it again;
 - a parent locator whose data lies outside the file is cleared from the
   header (one write): its range is not reserved, so once the file grew over
   it a block would overlap it and the image would no longer open.
@@ -33,7 +36,7 @@ def needs_repair(lay: Layout) -> bool:
         return True
     if lay.footer.disk_type == c.DISK_TYPE_FIXED:
         return False
-    return bool(lay.leaks) or bool(lay.bad_locators) or lay.footer_offset != lay.data_end or lay.backup_footer is None \
+    return bool(lay.leaks) or bool(lay.bad_locators) or lay.header_shadow is not None or lay.footer_offset != lay.data_end or lay.backup_footer is None \
         or lay.backup_footer.pack() != lay.footer.pack()
 
 
@@ -41,6 +44,7 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
     """Fix what a read-write open may fix; returns the rescanned layout."""
     assert lay.fatal is None and lay.footer is not None
     footer_bytes = lay.footer.pack()
+    header_at = lay.footer.data_offset
     if lay.footer.disk_type == c.DISK_TYPE_FIXED:
         if lay.short_footer or not lay.trailing_footer_ok:
             log.warning("%s: rewriting the footer at offset %d", lay.path, lay.footer_offset)
@@ -48,12 +52,19 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
             f.truncate(lay.footer_offset + c.FOOTER_SIZE)
             f.fdatasync()
         return scan(f, lay.path)
+    if lay.header_shadow is not None and lay.header is not None:
+        log.warning("%s: writing the dynamic header back from its copy at %d", lay.path, lay.header_shadow)
+        f.pwrite(header_at, lay.header.pack())
+        f.fdatasync()  # the header is whole before anything else trusts it
+        lay = scan(f, lay.path)
+        if lay.fatal is not None:
+            return lay
     if lay.bad_locators and lay.header is not None:
         log.warning("%s: clearing parent locators %s, whose data lies outside the file", lay.path,
                     ", ".join(map(str, lay.bad_locators)))
         locators = tuple(ParentLocator() if i in lay.bad_locators else loc
                          for i, loc in enumerate(lay.header.parent_locators))
-        f.pwrite(lay.footer.data_offset, lay.header.replace(parent_locators=locators).pack())
+        f.pwrite(header_at, lay.header.replace(parent_locators=locators).pack())
         f.fdatasync()
         lay = scan(f, lay.path)
         if lay.fatal is not None:

@@ -7,14 +7,19 @@ Other locators (deprecated ANSI and Mac ones) named the old place and are
 dropped.  The blocks and the footer do not change.
 
 Crash safety.  The old locators' data is never overwritten, so until the
-header changes the child still opens through the old parent:
-  1. the new locators' data goes into a gap between the metadata that no
-     live locator uses, else right after the metadata, where the blocks in
-     the way are first moved to the end as resize does (footer at the new
-     end, copy, fdatasync, repoint the BAT entry, fdatasync);
-  2. the data is written, fdatasync;
-  3. the header is rewritten in one write (it lies inside one page), fdatasync.
-After that it opens through the new parent.  A gap a moved block left that
+header changes the child still opens through the old parent; the header
+(two sectors under one checksum) is never left torn (header_shadow.py):
+  1. room for the new locators' data and a shadow of the new header is found
+     in a gap between the metadata that no live locator uses, else right
+     after the metadata, where the blocks in the way are first moved to the
+     end as resize does (footer at the new end, copy, fdatasync, repoint the
+     BAT entry, fdatasync);
+  2. the locators' data and the shadow are written, fdatasync;
+  3. the header is rewritten in one sector-aligned write, fdatasync.  A crash
+     that tears it between its sectors leaves the shadow, which scan reads
+     the image through and a read-write open writes back;
+  4. the shadow is zeroed, fdatasync.
+After step 3 it opens through the new parent.  A gap a moved block left that
 is big enough for a block is then closed as compact does (recovery.repair).
 """
 
@@ -131,7 +136,7 @@ def _rewrite(m: Maintenance, header: DynamicHeader, texts: list[tuple[bytes, str
     lay = m.layout
     assert lay.footer is not None
     datas = [text.encode("utf-16-le") for _, text in texts]
-    need = sum(round_up_sector(len(d)) for d in datas)
+    need = sum(round_up_sector(len(d)) for d in datas) + DynamicHeader.SIZE  # the data, then the shadow
     at, moved = _room(m, need)
     locators: list[ParentLocator] = []
     pos = at
@@ -142,8 +147,15 @@ def _rewrite(m: Maintenance, header: DynamicHeader, texts: list[tuple[bytes, str
         locators.append(ParentLocator(code, space // c.SECTOR_SIZE, len(data), pos))
         pos += space
     locators.extend(ParentLocator() for _ in range(c.PARENT_LOCATOR_COUNT - len(locators)))
-    m.file.fdatasync()  # the data is durable before the header points at it
-    m.file.pwrite(lay.footer.data_offset, header.replace(parent_locators=tuple(locators)).pack())
+    packed = header.replace(parent_locators=tuple(locators)).pack()
+    m.file.pwrite(pos, packed)
+    # The data and the shadow are durable before the header points at the data: a crash that
+    # tears the header's two sectors apart from here on is repaired from the shadow.
+    m.file.fdatasync()
+    m.file.pwrite(lay.footer.data_offset, packed)
+    m.file.fdatasync()  # the header is durable before its shadow goes
+    m.file.pwrite(pos, bytes(DynamicHeader.SIZE))
+    # A shadow left behind could be taken for the copy of a later header; lost, it is only free space.
     m.file.fdatasync()
     lay = m.rescan()
     if needs_repair(lay):
