@@ -120,6 +120,10 @@ class DaemonError(VhdblkError):
     """A request to the daemon failed (unknown device, refused, not running)."""
 
 
+class DetachFailed(DaemonError):
+    """A detach stopped because the image could not be flushed; the attachment is kept for a retry."""
+
+
 class ConfigError(VhdblkError):
     """A configuration file line or option is invalid."""
 

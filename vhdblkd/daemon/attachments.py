@@ -4,7 +4,12 @@ attach and adopt are one path: check that neither the name nor the image
 (through any symlink) nor the device is taken, open the image (locked), let
 the transport make or take over the device.  detach: write back the
 device's page cache, flush the image (the kernel's disconnect sends no
-FLUSH), disconnect, close the image.  The slow parts of attach and detach
+FLUSH), disconnect, flush what the last requests wrote, close the image.
+A flush that fails (a full or failing host disk) stops the detach where it
+is: the attachment stays in the table as detach-failed with the error, its
+image open and locked (closing would drop what is not durable yet), and the
+device connected if it still was; `detach` again, once the disk is fixed,
+goes on from there.  The slow parts of attach and detach
 run outside the table's lock, so `list` and `status` answer meanwhile; a
 name being attached or detached is reserved, so a second attach or detach
 of it is refused until the first is done.
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..backend import Backend
-from ..errors import DaemonError, VhdblkError
+from ..errors import DaemonError, DetachFailed, VhdblkError
 from .inuse import device_in_use, mounted_on
 from .state import StateRecord
 from .transport import Device, Transport
@@ -88,6 +93,8 @@ class Attachment:
     transport: str
     from_vhdtab: bool
     started: float
+    failed: str | None = None  # why the last detach stopped; the attachment waits for another
+    disconnected: bool = False  # that detach got as far as disconnecting the device
 
     @property
     def name(self) -> str:
@@ -112,6 +119,9 @@ class Attachment:
             "reconnects": self.device.reconnects,
             "options": self.entry.options,
             "stats": self.device.stats(),
+            "state": "attached" if self.failed is None else "detach-failed",
+            "error": self.failed,
+            "disconnected": self.disconnected,
         }
 
     def record(self) -> StateRecord:
@@ -247,7 +257,7 @@ class AttachmentManager:
             att = self._find(key)
             if att.name in self._reserved:
                 raise DaemonError(f"{att.path} ({att.name}) is already being detached")
-            if not force:
+            if not force and not att.disconnected:
                 reason = self._busy(att.device.kernel_name)
                 if reason is not None:
                     raise DaemonError(
@@ -255,19 +265,52 @@ class AttachmentManager:
                     )
             self._reserved[att.name] = att.entry
         try:
-            self._teardown(att)  # up to a minute of syncing and draining: not under the lock
-        finally:
+            self._detach_steps(att)  # up to a minute of syncing and draining: not under the lock
+        except BaseException:
             with self._lock:
-                del self._table[att.name]
-                del self._reserved[att.name]
+                del self._reserved[att.name]  # kept in the table: listed, locked, ready for a retry
+            self._changed()
+            raise
+        with self._lock:
+            del self._table[att.name]
+            del self._reserved[att.name]
         log.info("detached %s (%s) from %s", att.path, att.name, att.entry.image)
         self._changed()
         return att
 
+    def _detach_steps(self, att: Attachment) -> None:
+        """The detach's teardown, resumed where a failed one stopped; DetachFailed keeps the attachment."""
+        if not att.disconnected:
+            self._sync(att.device.kernel_name)
+            self._flush_or_keep(att)  # the kernel's disconnect sends no FLUSH
+            att.device.disconnect()
+            att.disconnected = True
+        self._flush_or_keep(att)  # what the last requests before the disconnect wrote
+        att.failed = None
+        self._close(att)
+
+    @staticmethod
+    def _flush_or_keep(att: Attachment) -> None:
+        if att.image.read_only or not att.image.can_flush:
+            return
+        try:
+            att.image.flush()
+        except (OSError, VhdblkError) as exc:
+            att.failed = f"flushing {att.entry.image} failed: {exc}"
+            log.error("%s: detach stopped: %s", att.name, att.failed)
+            where = ("the device is disconnected, but the image" if att.disconnected
+                     else f"{att.path} stays attached and the image")
+            raise DetachFailed(
+                f"{att.path} ({att.name}): detach stopped: flushing {att.entry.image} failed: {exc}. What was "
+                f"written may not be on disk yet, so {where} stays open and locked (listed as detach-failed); "
+                f"free space on or repair the disk holding the image, then run `vhdblkctl detach {att.name}` "
+                "again") from exc
+
     def _teardown(self, att: Attachment) -> None:
-        self._sync(att.device.kernel_name)
-        self._flush(att)
-        att.device.disconnect()
+        if not att.disconnected:
+            self._sync(att.device.kernel_name)
+            self._flush(att)
+            att.device.disconnect()
         self._close(att)
 
     @staticmethod
