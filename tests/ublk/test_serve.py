@@ -89,6 +89,14 @@ def test_flush_discard_write_zeroes() -> None:
     assert bytes(be.read(0, 16384)) == bytes(12288) + b"\xff" * 4096
 
 
+def test_the_flush_threads_call_flushes_or_gives_the_errno() -> None:
+    be = Recording()
+    h = BackendHandler(be)
+    assert h.flush() == 0 and be.calls == [("flush", 0, 0, False)]
+    be.fail = OSError(errno.EIO, "disk gone")
+    assert h.flush() == -errno.EIO
+
+
 def test_refusals_at_the_edge() -> None:
     be = Recording()
     h = BackendHandler(be)

@@ -10,7 +10,9 @@ request size), then repeatedly enter the kernel once to submit every
 COMMIT_AND_FETCH queued so far and wait for at least one completion, and
 drain every completion posted.  A completion with result 0 means the
 descriptor of its tag (user_data = tag) holds a request; the handler's
-result (bytes done or -errno) is committed with that tag's re-arm.  A
+result (bytes done or -errno) is committed with that tag's re-arm.  FLUSH
+goes to the queue's flush thread instead (flusher.py), whose results come
+back through an eventfd read in the same ring and are committed then.  A
 completion with UBLK_IO_RES_ABORT (-ENODEV) means the device is stopping
 and the tag is not re-armed; the thread ends when no tag is left.
 
@@ -32,13 +34,15 @@ from typing import Protocol
 
 from ..errors import UblkError
 from . import constants as c
+from .flusher import Flusher
 from .structs import IO_CMD, IO_DESC, IoDesc
-from .uring import Ring, prep
+from .uring import Completion, Ring, SubmissionQueue, prep
 
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
-_WAKE = 1 << 32  # user_data of the eventfd read; tags are 16-bit
+_WAKE = 1 << 32  # user_data of the release eventfd's read; tags are 16-bit
+_FLUSHED = 1 << 33  # user_data of the flusher eventfd's read
 
 
 def _round_up(n: int, to: int) -> int:
@@ -85,6 +89,9 @@ class Handler(Protocol):
     def __call__(self, op: int, flags: int, offset: int, length: int, buf: memoryview) -> int:
         """Return the bytes done (READ/WRITE), 0 (others), or -errno."""
 
+    def flush(self) -> int:
+        """Serve a FLUSH (on the queue's flush thread): 0 or -errno."""
+
 
 class QueueStats:
     """One queue's counters, bumped only by its thread (the names are the NBD transport's)."""
@@ -123,6 +130,8 @@ class Queue:
         self.stats = QueueStats()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC)
         self._wake_buf = ctypes.create_string_buffer(8)
+        self._flusher = Flusher(handler.flush, f"ublk-q{q_id}-flush")
+        self._flushed_buf = ctypes.create_string_buffer(8)
         self._thread = threading.Thread(target=self._main, name=f"ublk-q{q_id}", daemon=True)
 
     def start(self) -> None:
@@ -175,28 +184,50 @@ class Queue:
         anchor = ctypes.c_char.from_buffer(bufs)
         base = ctypes.addressof(anchor)
         view = memoryview(bufs)
-        ring = Ring(depth + 1)  # every tag's command and the wake-up read
+        ring = Ring(depth + 2)  # every tag's command and the two eventfd reads
         try:
             self._loop(ring, descs, view, base)
         finally:
             ring.close()
+            self._flusher.close()
             view.release()
             del anchor
             bufs.close()
             descs.close()
 
-    def _loop(self, ring: Ring, descs: mmap.mmap, view: memoryview, base: int) -> None:
-        depth, size, q_id, sq = self.depth, self.io_buf_bytes, self.q_id, ring.sq
-        fd, uring_cmd, commit_op = self.char_fd, c.IORING_OP_URING_CMD, self.commit_op
-        for tag in range(depth):
-            prep(sq, uring_cmd, fd, off=self.fetch_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, 0, base + tag * size))
-        prep(sq, c.IORING_OP_READ, self._wake, addr=ctypes.addressof(self._wake_buf), length=8, user_data=_WAKE)
+    def _read_event(self, sq: SubmissionQueue, fd: int, buf: ctypes.Array[ctypes.c_char], user_data: int) -> None:
+        prep(sq, c.IORING_OP_READ, fd, addr=ctypes.addressof(buf), length=8, user_data=user_data)
+
+    def _arm(self, ring: Ring, base: int) -> list[Completion]:
+        """FETCH every tag and queue both eventfd reads; returns the completions already posted."""
+        q_id, size, sq = self.q_id, self.io_buf_bytes, ring.sq
+        for tag in range(self.depth):
+            prep(sq, c.IORING_OP_URING_CMD, self.char_fd, off=self.fetch_op, user_data=tag,
+                 cmd=IO_CMD.pack(q_id, tag, 0, base + tag * size))
+        self._read_event(sq, self._wake, self._wake_buf, _WAKE)
+        self._read_event(sq, self._flusher.event, self._flushed_buf, _FLUSHED)
         ring.submit()
         early = ring.completions()  # FETCH is handled inline: a refusal is already posted
-        refused = [(tag, res) for tag, res, _ in early if res < 0 and tag != _WAKE]
+        refused = [(tag, res) for tag, res, _ in early if res < 0 and tag < _WAKE]
         if refused:
             tag, res = refused[0]
             raise UblkError(f"ublk queue {q_id}: FETCH of tag {tag} refused: {os.strerror(-res)}", -res)
+        return early
+
+    def _commit_flushes(self, sq: SubmissionQueue, base: int) -> None:
+        """The flush thread's results: commit (and re-arm) their tags, queue the eventfd read again."""
+        q_id, size, fd, commit_op = self.q_id, self.io_buf_bytes, self.char_fd, self.commit_op
+        for tags, result in self._flusher.finished():
+            for tag in tags:
+                _count(self.stats, c.UBLK_IO_OP_FLUSH, result)
+                prep(sq, c.IORING_OP_URING_CMD, fd, off=commit_op, user_data=tag,
+                     cmd=IO_CMD.pack(q_id, tag, result, base + tag * size))
+        self._read_event(sq, self._flusher.event, self._flushed_buf, _FLUSHED)
+
+    def _loop(self, ring: Ring, descs: mmap.mmap, view: memoryview, base: int) -> None:
+        depth, size, q_id, sq = self.depth, self.io_buf_bytes, self.q_id, ring.sq
+        fd, uring_cmd, commit_op, flusher = self.char_fd, c.IORING_OP_URING_CMD, self.commit_op, self._flusher
+        early = self._arm(ring, base)
         self.armed.set()
         live = depth
         pending = early
@@ -208,8 +239,11 @@ class Queue:
                 stats.enters += 1
                 pending = ring.completions()
             for tag, res, _flags in pending:
-                if tag == _WAKE:
-                    released = True
+                if tag >= _WAKE:  # an eventfd: release, or flushes done
+                    if tag == _WAKE:
+                        released = True
+                    else:
+                        self._commit_flushes(sq, base)
                     continue
                 if res != c.UBLK_IO_RES_OK:
                     live -= 1
@@ -217,6 +251,9 @@ class Queue:
                         log.error("ublk queue %d tag %d: command failed: %s", q_id, tag, os.strerror(-res))
                     continue
                 op_flags, nr_sectors, start_sector, _addr = unpack(descs, tag * IoDesc.SIZE)
+                if op_flags & 0xFF == c.UBLK_IO_OP_FLUSH:
+                    flusher.submit(tag)  # committed when the flush thread is done
+                    continue
                 length = nr_sectors << c.SECTOR_SHIFT
                 start = tag * size
                 try:

@@ -71,3 +71,11 @@ class BackendHandler:
             assert data is not None
             buf[:length] = data
         return length if is_data else 0
+
+    def flush(self) -> int:
+        """A FLUSH, run on the queue's flush thread: 0 or -errno."""
+        error, _ = self.layer.handle(_FLUSH)
+        return -error if error else 0
+
+
+_FLUSH = Request(Command.FLUSH, 0, 0)
