@@ -16,8 +16,13 @@ def _wait(fd: int) -> None:
 
 
 def test_tags_come_back_with_the_result() -> None:
-    calls = []
-    f = Flusher(lambda: calls.append(1) or 0, "t")
+    calls: list[int] = []
+
+    def flush() -> int:
+        calls.append(1)
+        return 0
+
+    f = Flusher(flush, "t")
     try:
         f.submit(3)
         _wait(f.event)
@@ -30,7 +35,7 @@ def test_tags_come_back_with_the_result() -> None:
 def test_tags_waiting_together_share_one_flush() -> None:
     gate = threading.Event()
     entered = threading.Event()
-    calls = []
+    calls: list[int] = []
 
     def flush() -> int:
         calls.append(1)

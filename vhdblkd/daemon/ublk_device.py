@@ -75,13 +75,18 @@ class UblkAttachment:
         # whose in-flight requests are still served.
         try:
             self.image.flush()
-        except VhdblkError as exc:
+        except (OSError, VhdblkError) as exc:
             log.error("%s: flush before removing the device failed: %s", self.path, exc)
         try:
             self.dev.stop()
         finally:
             self._transport.forget_name(self.dev.dev_id)
-        self.image.flush()
+        # The device is gone now whatever happens next: a failing flush must not make the caller
+        # believe it is still connected (it flushes again itself and keeps the image on failure).
+        try:
+            self.image.flush()
+        except (OSError, VhdblkError) as exc:
+            log.error("%s: flush after removing the device failed: %s", self.path, exc)
 
     def handover(self) -> Sequence[tuple[str, int]] | None:
         # Nothing to hand over: the device survives its server (user recovery).
