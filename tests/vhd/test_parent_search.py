@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.test_parent_paths import rewrite_locators
-from tests.vhd.test_diff import SIZE, digest, make_parent
+from tests.vhd.test_diff import BS, SIZE, digest, make_parent
+from vhdblkd.cli.main import main
 from vhdblkd.errors import ParentError, ParentSearchFailed, ParentTimestampMismatch
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.check import check_image
+from vhdblkd.vhd.compact import compact
 from vhdblkd.vhd.create import create_differencing
 from vhdblkd.vhd.image import open_image
 from vhdblkd.vhd.merge import merge
@@ -123,3 +125,38 @@ def test_strict_timestamp_passes_over_a_touched_copy(tmp_path: Path) -> None:
         open_image(str(child), read_only=True, strict_parent_timestamp=True)
     assert [reason for _, _, reason, _ in info.value.refused] == ["timestamp", "not-found"]
     assert isinstance(info.value, ParentError)
+
+
+def touched_chain(tmp_path: Path) -> tuple[Path, Path]:
+    """(child, parent) where the parent's mtime no longer matches the child's record; the id does."""
+    parent = tmp_path / "base.vhd"
+    make_parent(parent)
+    child = tmp_path / "child.vhd"
+    create_differencing(str(child), str(parent))
+    with open_image(str(child)) as image:
+        image.write(0, bytes(BS))  # a zero block over the parent's data: compact must keep it
+        image.write(5 * BS, b"kid" * 100)
+    os.utime(parent, (1_800_000_000, 1_800_000_000))
+    return child, parent
+
+
+def test_merge_and_compact_take_the_strict_timestamp_switch(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    child, parent = touched_chain(tmp_path)
+    before = (digest(child), digest(parent))
+    with pytest.raises(ParentTimestampMismatch, match="strict_parent_timestamp"):
+        merge(str(child), strict_parent_timestamp=True)
+    with pytest.raises(ParentTimestampMismatch, match="strict_parent_timestamp"):
+        compact(str(child), strict_parent_timestamp=True)
+    assert (digest(child), digest(parent)) == before  # refused before anything was written
+    for command in ("merge", "compact"):
+        assert main([command, "--strict-parent-timestamp", str(child)]) != 0
+        err = capsys.readouterr().err
+        assert "strict_parent_timestamp" in err and "Traceback" not in err
+    assert (digest(child), digest(parent)) == before
+    # Without the switch the unique id decides, as for every other command.
+    compact(str(child))
+    assert merge(str(child)).parent == str(parent)
+    with open_image(str(parent), read_only=True) as image:
+        assert bytes(image.read(5 * BS, 300)) == b"kid" * 100
+        assert bytes(image.read(0, BS)) == bytes(BS)

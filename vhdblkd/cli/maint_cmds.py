@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .image_cmds import EXIT_OK, guard  # the image commands' one policy for error lines and exit codes
+from .parent_args import STRICT_PARENT_TIMESTAMP_HELP
 from .sizes import SizeError, format_size, parse_size
 
 # The vhd engines are imported by the command that runs, not by the parser (see image_cmds).
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         f"the same data. --json keys: {', '.join(COMPACT_KEYS)}.")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--allow-unsafe-parent", action="store_true", help="follow a parent outside the image's folder")
+    p.add_argument("--strict-parent-timestamp", action="store_true", help=STRICT_PARENT_TIMESTAMP_HELP)
     p.add_argument("image", metavar="IMAGE")
     p.set_defaults(func=cmd_compact)
 
@@ -77,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--remove", action="store_true", help="delete the child after a successful merge")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--allow-unsafe-parent", action="store_true", help="follow a parent outside the image's folder")
+    p.add_argument("--strict-parent-timestamp", action="store_true", help=STRICT_PARENT_TIMESTAMP_HELP)
     p.add_argument("child", metavar="CHILD")
     p.set_defaults(func=cmd_merge)
 
@@ -122,7 +125,8 @@ def _compact(args: argparse.Namespace) -> int:
     from .progress import ProgressBar
 
     with quiet_recovery(bool(getattr(args, "verbose", False))), ProgressBar("compact") as bar:
-        r = vhd_compact.compact(args.image, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
+        r = vhd_compact.compact(args.image, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent,
+                                strict_parent_timestamp=args.strict_parent_timestamp)
     result: dict[str, object] = {
         "path": r.path, "type": r.disk_type, "blocks_before": r.blocks_before, "blocks_freed": r.blocks_freed,
         "blocks_after": r.blocks_after, "file_size_before": r.file_size_before, "file_size_after": r.file_size_after}
@@ -177,7 +181,8 @@ def _merge(args: argparse.Namespace) -> int:
     from .progress import ProgressBar
 
     with ProgressBar("merge") as bar:
-        r = vhd_merge.merge(args.child, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent)
+        r = vhd_merge.merge(args.child, progress=bar, allow_unsafe_parent=args.allow_unsafe_parent,
+                            strict_parent_timestamp=args.strict_parent_timestamp)
     if args.remove:
         os.unlink(args.child)
     result: dict[str, object] = {

@@ -61,10 +61,11 @@ class Maintenance:
         return self.layout
 
     @contextmanager
-    def reader(self, *, allow_unsafe_parent: bool = False) -> Iterator[VhdImage]:
+    def reader(self, *, allow_unsafe_parent: bool = False,
+               strict_parent_timestamp: bool = False) -> Iterator[VhdImage]:
         """A read-only view of the image (and its parents); the lock is already ours."""
         with open_image(self.path, read_only=True, lock=False, allow_unsafe_parent=allow_unsafe_parent,
-                        file_factory=self.file_factory) as image:
+                        strict_parent_timestamp=strict_parent_timestamp, file_factory=self.file_factory) as image:
             yield image
 
 
@@ -120,8 +121,13 @@ def _block_is_free(m: Maintenance, image: VhdImage, block: int, entry: int) -> b
 
 
 def compact(path: str, *, progress: Progress = _no_progress, lock: bool = True,
-            allow_unsafe_parent: bool = False, file_factory: FileFactory = ImageFile) -> CompactResult:
-    """Free zero blocks of a dynamic or differencing image and close the holes."""
+            allow_unsafe_parent: bool = False, strict_parent_timestamp: bool = False,
+            file_factory: FileFactory = ImageFile) -> CompactResult:
+    """Free zero blocks of a dynamic or differencing image and close the holes.
+
+    strict_parent_timestamp: refuse (before a block is freed) a parent whose mtime differs from
+    the child's record, as open_image does: which blocks may go depends on what it reads.
+    """
     with maintain(path, lock=lock, file_factory=file_factory) as m:
         lay = m.layout
         assert lay.footer is not None
@@ -132,7 +138,7 @@ def compact(path: str, *, progress: Progress = _no_progress, lock: bool = True,
         size_before = m.file.size()
         allocated = lay.blocks.allocated_blocks()
         freed = 0
-        with m.reader(allow_unsafe_parent=allow_unsafe_parent) as image:
+        with m.reader(allow_unsafe_parent=allow_unsafe_parent, strict_parent_timestamp=strict_parent_timestamp) as image:
             disk_type = image.disk_type
             for n, (block, entry) in enumerate(allocated):
                 progress(n, len(allocated))

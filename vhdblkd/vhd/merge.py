@@ -36,8 +36,13 @@ class MergeResult:
 
 
 def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
-          allow_unsafe_parent: bool = False, file_factory: FileFactory = ImageFile) -> MergeResult:
-    """Write the child's own sectors into its parent; the parent is then the live image."""
+          allow_unsafe_parent: bool = False, strict_parent_timestamp: bool = False,
+          file_factory: FileFactory = ImageFile) -> MergeResult:
+    """Write the child's own sectors into its parent; the parent is then the live image.
+
+    strict_parent_timestamp: refuse, before writing anything, a parent whose mtime differs
+    from what the child records (by default the unique id alone decides, as for open_image).
+    """
     with maintain(child, lock=lock, file_factory=file_factory) as m:
         lay = m.layout
         assert lay.footer is not None
@@ -46,13 +51,14 @@ def merge(child: str, *, progress: Progress = _no_progress, lock: bool = True,
             raise UnsupportedImage(f"{child}: only a differencing image can be merged into its parent")
         header = lay.header
         found_by, parent_path = parent_mod.find(m.file, header, child, allow_unsafe=allow_unsafe_parent,
-                                                file_factory=file_factory)
+                                                strict_timestamp=strict_parent_timestamp, file_factory=file_factory)
         allocated = [(i, e) for i, e in blocks.allocated_blocks() if i < lay.total_blocks]
         copied = 0
         with open_image(parent_path, read_only=False, lock=lock, allow_unsafe_parent=allow_unsafe_parent,
-                        file_factory=file_factory) as parent:
-            # The unique id must match (the message says how to repoint); the timestamp need not.
-            parent_mod.vet(parent_mod.link_to(child, header, found_by, parent), strict_timestamp=False)
+                        strict_parent_timestamp=strict_parent_timestamp, file_factory=file_factory) as parent:
+            # The unique id must match (the message says how to repoint); the timestamp only when strict.
+            parent_mod.vet(parent_mod.link_to(child, header, found_by, parent),
+                           strict_timestamp=strict_parent_timestamp)
             if lay.virtual_size > parent.size:
                 # Silently dropping the child's sectors past the parent's end would lose data.
                 raise UnsupportedImage(
