@@ -9,6 +9,7 @@ import pytest
 
 from tests.reliability.faultfile import FaultFactory, FaultLog
 from vhdblkd.backend import Backend
+from vhdblkd.cli.main import main
 from vhdblkd.daemon.attachments import AttachmentManager
 from vhdblkd.daemon.vhdtab import VhdtabEntry
 from vhdblkd.errors import DetachFailed, ImageLocked
@@ -16,7 +17,7 @@ from vhdblkd.vhd.check import check_image
 from vhdblkd.vhd.create import create_dynamic
 from vhdblkd.vhd.image import open_image
 
-from .fakes import FakeKernel, busy_check, make_transport
+from .fakes import FakeKernel, busy_check, make_rig, make_transport
 
 SIZE = 1 << 20
 BS = 64 * 1024
@@ -93,3 +94,31 @@ def test_a_flush_failing_after_the_disconnect_resumes_there(tmp_path: Path) -> N
     with open_image(path, read_only=True) as image:
         assert bytes(image.read(5 * BS, 4096)) == b"q" * 4096
     assert check_image(path).clean
+
+
+def test_vhdblkctl_shows_a_failed_detach(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = make_rig(tmp_path)
+    rig.service.start()
+    try:
+        img = rig.image("data.vhd")
+        ctl = ["--control", str(rig.control)]
+        assert main(["attach", *ctl, img]) == 0
+        image = rig.opener.images[0]
+
+        def full_disk() -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        image.flush = full_disk  # type: ignore[method-assign]  # the host disk is full
+        capsys.readouterr()
+        assert main(["detach", *ctl, "data"]) != 0
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "vhdblkctl detach data" in err
+        assert main(["list", *ctl]) == 0
+        assert "DETACH-FAILED" in capsys.readouterr().out
+        assert main(["status", *ctl]) == 0
+        assert "data: detach failed, still attached: flushing" in capsys.readouterr().out
+        del image.flush  # space is back
+        assert main(["detach", *ctl, "data"]) == 0
+        assert rig.kernel.devices == {} and image.closed
+    finally:
+        rig.service.stop()

@@ -137,7 +137,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 str(a.get("transport", "nbd")),
                 str(a.get("type") or "-"),
                 format_size(int(a["size"])),
-                "ro" if a["read_only"] else "rw",
+                ("ro" if a["read_only"] else "rw") + (" DETACH-FAILED" if a.get("error") else ""),
                 str(a["connections"]),
                 str(stats.get("reads", "-")),
                 str(stats.get("writes", "-")),
@@ -164,6 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for a in atts:
         print(f"  {a['device']}  {a['name']}  {a['image']}")
     errors = list(reply.get("config_errors", [])) + [f"{k}: {v}" for k, v in reply.get("attach_errors", {}).items()]
+    errors += [f"{a['name']}: detach failed, still attached: {a['error']}" for a in atts if a.get("error")]
     if errors:
         print(f"{len(errors)} error{'s' if len(errors) != 1 else ''}:")
         for e in errors:

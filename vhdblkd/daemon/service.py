@@ -345,7 +345,8 @@ class Service:
             "config": str(self.config),
             "config_errors": list(self.config_errors),
             "attach_errors": dict(self.attach_errors),
-            "attachments": [{"name": a.name, "device": a.path, "image": a.entry.image} for a in atts],
+            "attachments": [{"name": a.name, "device": a.path, "image": a.entry.image, "error": a.failed}
+                            for a in atts],
             "status": self.status_line(),
         }
 
