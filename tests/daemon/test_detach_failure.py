@@ -122,3 +122,23 @@ def test_vhdblkctl_shows_a_failed_detach(tmp_path: Path, capsys: pytest.CaptureF
         assert rig.kernel.devices == {} and image.closed
     finally:
         rig.service.stop()
+
+
+def test_a_handover_does_not_pass_on_a_device_a_failed_detach_disconnected(tmp_path: Path) -> None:
+    mgr, kernel, path, log = rig(tmp_path)
+    att = mgr.attach(VhdtabEntry("data", path), from_vhdtab=False)
+    kernel.devices[0].write(0, b"h" * 4096)
+    disconnect = att.device.disconnect
+
+    def disconnect_then_fail() -> None:
+        disconnect()
+        log.failing = lambda kind, off, n: errno.EIO if kind == "fdatasync" else None
+
+    att.device.disconnect = disconnect_then_fail  # type: ignore[method-assign]
+    with pytest.raises(DetachFailed):
+        mgr.detach("data")
+    log.failing = None
+    kept, fds, devices = mgr.handover()
+    assert kept == [] and fds == [] and devices == []
+    with open_image(path, read_only=True) as image:  # closed, unlocked, and what was written is there
+        assert bytes(image.read(0, 4096)) == b"h" * 4096

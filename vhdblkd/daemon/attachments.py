@@ -356,6 +356,9 @@ class AttachmentManager:
         fds: list[tuple[str, int]] = []
         devices: list[Device] = []
         for att in self._take_all():
+            if att.disconnected:  # a detach stopped after the disconnect: no device left to hand over
+                self._teardown(att)
+                continue
             handed = att.device.handover()
             self._flush(att)
             if handed is None:
