@@ -49,6 +49,7 @@ import dataclasses
 import enum
 import errno
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from .backend import Backend, Buffer, FuaMode
@@ -224,6 +225,29 @@ class RequestLayer:
             return errno.EINVAL
         return None
 
+    def limits(self, command: Command) -> tuple[int, int, int, int]:
+        """`check` for one command as numbers a hot path compares inline: (allowed flags, refused
+        errno or 0, end of the range, longest length).  A request passes when it has no flag
+        outside the allowed ones, nothing refuses it, offset + length <= end and length <= longest;
+        otherwise `check` names its errno."""
+        return self._checks[command]
+
+    def reader(self) -> Callable[[int, int], Buffer]:
+        """The backend's read, bound once, for a hot path that checks the data's length itself
+        (a short result is a failed READ: raise `short_read`)."""
+        return self._read
+
+    @staticmethod
+    def short_read(data: Buffer, offset: int, length: int) -> BackendError:
+        return BackendError(f"backend returned {len(data)} bytes for a READ {length}@{offset}", errno.EIO)
+
+    def writer(self) -> Callable[[int, Buffer, int], None]:
+        """`write` for a non-empty payload, as a function of (offset, payload, flags), bound once."""
+        backend_write = self._write
+        if not self._native_fua:
+            return lambda offset, payload, flags: backend_write(offset, payload, False)
+        return lambda offset, payload, flags: backend_write(offset, payload, bool(flags & FUA))
+
     def execute(self, req: Request) -> Buffer | None:
         """Run a validated request's backend call; READ returns its data, the rest None.
 
@@ -248,7 +272,7 @@ class RequestLayer:
         """A validated READ's data (`execute` on scalars)."""
         data = self._read(offset, length)
         if len(data) != length:
-            raise BackendError(f"backend returned {len(data)} bytes for a READ {length}@{offset}", errno.EIO)
+            raise self.short_read(data, offset, length)
         return data
 
     def write(self, offset: int, payload: Buffer, flags: int) -> None:

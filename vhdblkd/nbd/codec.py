@@ -146,6 +146,10 @@ def decode_reply(buf: Buffer) -> tuple[int, int]:
 
 
 class State(enum.Enum):
+    # Members are singletons: identity hashing is correct, and C-level (Enum's own
+    # __hash__ is Python code, run twice per TRANSITIONS lookup on every request).
+    __hash__ = object.__hash__
+
     HEADER = "waiting for a request header"
     PAYLOAD = "waiting for a WRITE payload"
     DISCONNECTED = "client sent DISC"
@@ -154,6 +158,8 @@ class State(enum.Enum):
 
 
 class Event(enum.Enum):
+    __hash__ = object.__hash__  # as State's
+
     REQUEST = "request without payload"
     WRITE_HEADER = "WRITE header"
     PAYLOAD = "WRITE payload"
@@ -189,10 +195,14 @@ class OversizedWrite(RemoteProtocolError):
 
 
 _HEADER: Final = State.HEADER
+_PAYLOAD: Final = State.PAYLOAD
 # Commands whose header changes the state (a WRITE waits for its payload; DISC ends the stream):
 # any other header leaves the parser in HEADER, so the hot path skips the table for them.
 _FRAMING: Final = frozenset({NBD_CMD_WRITE, NBD_CMD_DISC})
 assert TRANSITIONS[(State.HEADER, Event.REQUEST)] is State.HEADER
+# A WRITE's two steps, looked up once: every WRITE takes both.
+_AFTER_WRITE_HEADER: Final = TRANSITIONS[(State.HEADER, Event.WRITE_HEADER)]
+_AFTER_PAYLOAD: Final = TRANSITIONS[(State.PAYLOAD, Event.PAYLOAD)]
 _unpack_header: Final = REQUEST_HEADER.unpack_from
 
 
@@ -229,12 +239,23 @@ class RequestParser:
     def header(self, buf: Buffer) -> tuple[int, int, int, int, int, int]:
         """Parse a whole header: its fields as sent, (magic, flags, type, cookie, offset, length).
 
+        Call it only in state HEADER (when `next_read_size` asks for a header);
+        a header fed in another state is caught only if it changes the state.
+
         After a WRITE with data, `next_read_size` is its length: read that
         and pass it to `payload`.  After DISC it is 0.
         """
         fields: tuple[int, int, int, int, int, int] = _unpack_header(buf)
-        if fields[0] != NBD_REQUEST_MAGIC or fields[2] in _FRAMING or self.state is not _HEADER:
-            self._frame(*fields)
+        # Only HEADER asks for a header (next_read_size), so a request that leaves the state
+        # as it is needs no table lookup; the rest go through _frame, which checks the state.
+        if fields[0] == NBD_REQUEST_MAGIC:
+            if fields[2] not in _FRAMING:
+                return fields
+            if fields[2] == NBD_CMD_WRITE and 0 < fields[5] <= NBD_MAX_PAYLOAD and self.state is _HEADER:
+                self.state = _AFTER_WRITE_HEADER
+                self.next_read_size = fields[5]
+                return fields
+        self._frame(*fields)
         return fields
 
     def _frame(self, magic: int, flags: int, type_: int, cookie: int, offset: int, length: int) -> None:
@@ -256,10 +277,10 @@ class RequestParser:
             self._transition(Event.REQUEST)
 
     def payload(self, data: Buffer) -> None:
-        """The WRITE payload announced by the last header (exactly `next_read_size` bytes)."""
-        if len(data) != self.next_read_size:
-            raise LocalProtocolError(f"payload of {len(data)} bytes passed, {self.next_read_size} expected")
-        self._transition(Event.PAYLOAD)
+        """The WRITE payload announced by the last header: exactly `next_read_size` bytes (the caller reads them)."""
+        if self.state is not _PAYLOAD:
+            self._transition(Event.PAYLOAD)  # raises: no WRITE awaits its payload
+        self.state = _AFTER_PAYLOAD
         self.next_read_size = NBD_REQUEST_SIZE
 
     def eof(self, received: int = 0) -> None:

@@ -17,6 +17,7 @@ closes it after `serve_connection` returns (shut down by then).
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import socket
@@ -24,7 +25,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from ..backend import AllocationMap
+from ..backend import AllocationMap, Buffer
 from ..errors import RemoteProtocolError
 from ..request import FUA, NO_HOLE, Capabilities, Command, Request, RequestLayer, errno_for
 from . import structured as sr
@@ -45,6 +46,7 @@ from .constants import (
     NBD_MAX_PAYLOAD,
     NBD_REQUEST_SIZE,
     NBD_SIMPLE_REPLY_MAGIC,
+    NBD_SIMPLE_REPLY_SIZE,
 )
 from .export import Export, Stats
 from .negotiate import Catalog, negotiate
@@ -59,6 +61,7 @@ _RELAY_DRAIN_SECONDS = 30.0  # time the TLS relay gets to deliver the last repli
 # The NBD commands the request layer serves, besides READ and WRITE (inline in the loop);
 # DISC and the rest stay here.
 _COMMANDS = {
+    NBD_CMD_WRITE: Command.WRITE,  # a zero-length one: no payload follows
     NBD_CMD_FLUSH: Command.FLUSH,
     NBD_CMD_TRIM: Command.TRIM,
     NBD_CMD_WRITE_ZEROES: Command.WRITE_ZEROES,
@@ -217,12 +220,15 @@ class _Connection(StructuredReplies):
                 return
             # One syscall for header and data; data may be a view into the image's mmap (no copy).
             sent = self.sock.sendmsg([header, data])
-            total = len(header) + len(data)
-            if sent < total:  # a signal or a full buffer split the message; send the rest
-                if sent < len(header):
-                    self.sock.sendall(header[sent:])
-                    sent = len(header)
-                self.sock.sendall(memoryview(data)[sent - len(header) :])
+            if sent < len(header) + len(data):
+                self._send_rest(header, data, sent)
+
+    def _send_rest(self, header: bytes, data: Buffer, sent: int) -> None:
+        """Finish a message a signal or a full buffer split (under the send lock)."""
+        if sent < len(header):
+            self.sock.sendall(header[sent:])
+            sent = len(header)
+        self.sock.sendall(memoryview(data)[sent - len(header) :])
 
     def _reply(self, cookie: int, error: int) -> None:
         self._send(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie), None, error)
@@ -295,19 +301,28 @@ class _Connection(StructuredReplies):
             log.warning("closing NBD connection: client broke the protocol: %s", exc)
             self._reply(exc.cookie, NBD_EINVAL)
 
-    def _serve(self) -> None:
+    def _serve(self) -> None:  # noqa: C901 - READ and WRITE inline: the hot path, one frame per request
         header = bytearray(NBD_REQUEST_SIZE)
         hview = memoryview(header)
         recv_into: Callable[[memoryview, int, int], int] = self._recv_or_pause if self.pausable else self.sock.recv_into
         parse = self.parser.header
-        check = self.layer.check
-        read = self.layer.read
+        layer = self.layer
+        # The READ path compares the layer's limits inline and asks `check` only to name a refusal.
+        # A command refused outright gets an end of -1, so the range test sends it to `check`.
+        allowed, refused, end, longest = layer.limits(Command.READ)
+        disallowed, end = ~allowed, -1 if refused else end
+        read = layer.reader()
+        allowed, refused, w_end, w_longest = layer.limits(Command.WRITE)
+        w_disallowed, w_end = ~allowed, -1 if refused else w_end
+        write = layer.writer()
+        fua_flushes = layer.needs_flush(Command.WRITE, FUA, 1)
+        recv_payload = self._recv_payload
         send = self._send
-        write = self._write
+        send_lock = self.send_lock
+        sendmsg = self.sock.sendmsg
         request = self._request
         pack_reply = SIMPLE_REPLY.pack
         stats = self.stats
-        READ = Command.READ
         simple_read = NBD_CMD_READ if not self.structured else -1  # structured READs go the chunked way
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
@@ -315,21 +330,43 @@ class _Connection(StructuredReplies):
                 return  # EOF between requests (a clean hang-up), or paused
             _, flags, type_, cookie, offset, length = parse(header)
             if type_ == simple_read:
-                error = check(READ, offset, length, flags)
-                if error is None:
-                    try:
-                        data = read(offset, length)
-                    except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-                        self._reply(cookie, nbd_error(errno_for(exc, f"READ {length}@{offset}")))
-                        continue
-                    # The header goes out only now that the data is in hand.
-                    send(pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), data)
-                    stats.reads += 1
-                    stats.bytes_read += length
+                if flags & disallowed or offset + length > end or length > longest:
+                    error = layer.check(Command.READ, offset, length, flags) or errno.EINVAL
+                    self._reject("READ", flags, offset, length, cookie, nbd_error(error), True)
                     continue
-                self._reject("READ", flags, offset, length, cookie, nbd_error(error), True)
-            elif type_ == NBD_CMD_WRITE:
-                write(flags, cookie, offset, length)
+                try:
+                    data = read(offset, length)
+                    if len(data) != length:
+                        raise layer.short_read(data, offset, length)
+                except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+                    self._reply(cookie, nbd_error(errno_for(exc, f"READ {length}@{offset}")))
+                    continue
+                # The header goes out only now that the data is in hand, with it in one syscall;
+                # data may be a view into the image's mmap (no copy).
+                reply = pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                with send_lock:
+                    sent = sendmsg([reply, data])
+                    if sent != length + NBD_SIMPLE_REPLY_SIZE:
+                        self._send_rest(reply, data, sent)
+                stats.reads += 1
+                stats.bytes_read += length
+            elif type_ == NBD_CMD_WRITE and length:
+                payload = recv_payload(length)  # read even when the WRITE is refused
+                if flags & w_disallowed or offset + length > w_end or length > w_longest:
+                    error = layer.check(Command.WRITE, offset, length, flags) or errno.EINVAL
+                    self._reject("WRITE", flags, offset, length, cookie, nbd_error(error))
+                    continue
+                try:
+                    write(offset, payload, flags)
+                except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
+                    self._reply(cookie, nbd_error(errno_for(exc, f"WRITE {length}@{offset}")))
+                    continue
+                stats.writes += 1
+                stats.bytes_written += length
+                if flags & FUA and fua_flushes:
+                    self._queue_flush(cookie)  # every write received before this one has completed inline
+                    continue
+                send(pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
             elif not request(type_, flags, cookie, offset, length):
                 return  # DISC
 
@@ -361,34 +398,17 @@ class _Connection(StructuredReplies):
             self._wbuf = bytearray(min(NBD_MAX_PAYLOAD, max(length, 2 * len(self._wbuf))))
             self._wview = memoryview(self._wbuf)
         payload = self._wview[:length]
-        got = self._recv_exact(payload)  # straight into the pooled buffer: no per-request allocation
+        # Straight into the pooled buffer (no per-request allocation), in one syscall when it is all there.
+        try:
+            got = self.sock.recv_into(payload, length, socket.MSG_WAITALL)
+        except BlockingIOError:  # the pause poll's timeout
+            got = 0
         if got != length:
-            self.parser.eof(got)  # raises: the stream ended inside the payload
+            got += self._recv_exact(payload[got:])
+            if got != length:
+                self.parser.eof(got)  # raises: the stream ended inside the payload
         self.parser.payload(payload)
         return payload
-
-    def _write(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """A WRITE whose header the parser took; its payload is read even when it is refused."""
-        payload = self._recv_payload(length) if length else b""
-        layer = self.layer
-        error = layer.check(Command.WRITE, offset, length, flags)
-        if error is not None:
-            self._reject("WRITE", flags, offset, length, cookie, nbd_error(error))
-            return
-        try:
-            layer.write(offset, payload, flags)
-        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-            self._reply(cookie, nbd_error(errno_for(exc, f"WRITE {length}@{offset}")))
-            return
-        if length:
-            stats = self.stats
-            stats.writes += 1
-            stats.bytes_written += length
-            if flags & FUA and layer.needs_flush(Command.WRITE, flags, length):
-                # Every write received before this one has already completed inline.
-                self._queue_flush(cookie)
-                return
-        self._reply(cookie, 0)
 
     def _request(self, type_: int, flags: int, cookie: int, offset: int, length: int) -> bool:
         """Any request but a simple READ and a WRITE; False for DISC (the loop ends)."""
@@ -420,7 +440,7 @@ class _Connection(StructuredReplies):
         return True
 
     def _complete(self, req: Request, cookie: int) -> None:
-        """Count a finished FLUSH, TRIM, WRITE_ZEROES or CACHE and reply, after a flush when it needs one."""
+        """Count a finished FLUSH, TRIM, WRITE_ZEROES, CACHE or empty WRITE and reply, after a flush when it needs one."""
         if req.length:
             command = req.command
             if command is Command.WRITE_ZEROES:
