@@ -187,6 +187,14 @@ class VhdImage:
     def read(self, offset: int, length: int) -> Buffer:
         raise NotImplementedError
 
+    def read_into_zeroed(self, offset: int, dest: memoryview) -> None:
+        """Read len(dest) bytes at `offset` into `dest`, which holds zeros when called.
+
+        How a child reads its parent: straight into the child's buffer, and a layer may
+        skip what reads as zeros.
+        """
+        dest[:] = self.read(offset, len(dest))
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         raise NotImplementedError
 

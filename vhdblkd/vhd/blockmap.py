@@ -6,8 +6,10 @@ At that sector starts the block's sector bitmap (one bit per sector, most
 significant bit first, padded to whole sectors), and the block's data
 follows it.  This module is the only one that knows that encoding.
 
-For an open image the map also holds the bitmaps read so far and what the
-next flush must write.  It does no locking and decides no ordering: when
+For an open image the map also holds the bitmaps read so far, one state byte
+per block (absent, full, mixed, or not looked at yet: what a read needs to
+know in one lookup, instead of the BAT entry and the bitmap cache) and what
+the next flush must write.  It does no locking and decides no ordering: when
 each piece reaches the disk is the business of dynamic.py (flush) and
 recovery.py (the crash protocol).
 """
@@ -27,6 +29,12 @@ ENTRIES_PER_SECTOR = c.SECTOR_SIZE // c.BAT_ENTRY_SIZE
 _ENTRY = struct.Struct(">I")
 _SECTOR_SHIFT = 9
 assert 1 << _SECTOR_SHIFT == c.SECTOR_SIZE
+
+# A block's state byte (BlockMap.state).
+ABSENT = 0  # no BAT entry: this file holds none of the block
+FULL = 1  # allocated, every bitmap bit set
+MIXED = 2  # allocated, bitmap loaded (BlockMap.bitmaps) with some bits clear
+UNKNOWN = 3  # not looked at since open: consult the BAT entry and the bitmap
 
 
 # --- sector arithmetic ---------------------------------------------------------
@@ -98,7 +106,7 @@ class BlockMap:
     """The BAT (`entries`, host order) and the geometry of the blocks it points at."""
 
     __slots__ = ("entries", "table_offset", "block_size", "bitmap_size", "stride", "sectors_per_block",
-                 "full_bitmap", "empty_bitmap", "bitmaps", "dirty_sectors", "dirty_bitmaps", "allocated")
+                 "full_bitmap", "empty_bitmap", "bitmaps", "state", "dirty_sectors", "dirty_bitmaps", "allocated")
 
     def __init__(self, entries: array[int], *, table_offset: int, block_size: int) -> None:
         self.entries = entries
@@ -112,6 +120,10 @@ class BlockMap:
         # The open image's state: a block's bitmap as read (None once every bit is set), and what
         # the next flush must write.
         self.bitmaps: dict[int, bytearray | None] = {}
+        # Learnt lazily (at open a huge BAT costs nothing); changed only through the methods
+        # below, and always after the entry on the way in, before it on the way out, so a
+        # lock-free reader that sees FULL or MIXED finds the entry already set.
+        self.state = bytearray([UNKNOWN]) * len(entries)
         self.dirty_sectors: set[int] = set()  # BAT sectors
         self.dirty_bitmaps: set[int] = set()  # blocks
         self.allocated = len(entries) - entries.count(UNUSED)
@@ -169,13 +181,21 @@ class BlockMap:
 
     # --- changes an open image makes (on disk at the next flush) ---------------
 
-    def point(self, block: int, entry: int) -> None:
+    def point(self, block: int, entry: int, bitmap: bytearray | None) -> None:
+        """Allocate: block `block` now lives at `entry`, with `bitmap` (None: every bit set)."""
         self.entries[block] = entry
+        self.set_bitmap(block, bitmap)
         self.dirty_sectors.add(block // ENTRIES_PER_SECTOR)
         self.allocated += 1
 
+    def set_bitmap(self, block: int, bitmap: bytearray | None) -> None:
+        """Cache an allocated block's bitmap (None once every bit is set)."""
+        self.bitmaps[block] = bitmap
+        self.state[block] = FULL if bitmap is None else MIXED
+
     def free(self, block: int) -> None:
         """Forget a block: its entry becomes unused and its bitmap is not written."""
+        self.state[block] = ABSENT
         self.entries[block] = UNUSED
         self.dirty_sectors.add(block // ENTRIES_PER_SECTOR)
         self.dirty_bitmaps.discard(block)
@@ -216,5 +236,6 @@ class BlockMap:
         """Point block `block` at `entry` on disk now (one 4-byte write; no sync)."""
         if (self.entries[block] == UNUSED) != (entry == UNUSED):
             self.allocated += 1 if entry != UNUSED else -1
+        self.state[block] = UNKNOWN
         self.entries[block] = entry
         f.pwrite(self.entry_offset(block), _ENTRY.pack(entry))

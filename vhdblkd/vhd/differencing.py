@@ -25,17 +25,16 @@ class DifferencingImage(DynamicImage):
                  lock: ImageLock | None, parent: VhdImage) -> None:
         super().__init__(path, file, layout, read_only=read_only, lock=lock)
         self.parent = parent
+        if isinstance(parent, DynamicImage) and parent.block_size == self.block_size and parent.size >= self.size:
+            self._below = parent
 
-    def _read_absent(self, voff: int, dest: memoryview) -> None:
-        """The parent's data; zeros past the parent's end (a child may be the larger)."""
+    def _fill_absent(self, voff: int, dest: memoryview) -> None:
+        """The parent's data; zeros (already in `dest`) past the parent's end (a child may be the larger)."""
         parent = self.parent
         assert parent is not None
-        n = len(dest)
-        avail = max(0, min(n, parent.size - voff))
-        if avail:
-            dest[:avail] = parent.read(voff, avail)
-        if avail < n:
-            dest[avail:] = bytes(n - avail)
+        avail = min(len(dest), parent.size - voff)
+        if avail > 0:
+            parent.read_into_zeroed(voff, dest if avail == len(dest) else dest[:avail])
 
     def _fresh_bitmap(self) -> bytearray | None:
         return bytearray(self._bitmap_size)
@@ -51,5 +50,5 @@ class DifferencingImage(DynamicImage):
                 self._allocate(block)
             else:
                 self._file.punch_hole(self._blocks.data_offset(entry), self.block_size)
-            self._bitmaps[block] = None
+            self._blocks.set_bitmap(block, None)
             self._blocks.dirty_bitmaps.add(block)

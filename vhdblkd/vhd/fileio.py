@@ -69,10 +69,10 @@ class ImageFile:
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         """Fill `buf` from `offset`; returns the bytes read (fewer only at end of file)."""
-        got = 0
         total = len(buf)
-        while got < total:
-            n = os.preadv(self._fd, [buf[got:]], offset + got)
+        got = os.preadv(self._fd, (buf,), offset)  # the usual case: all of it at once
+        while 0 < got < total:
+            n = os.preadv(self._fd, (buf[got:],), offset + got)
             if n <= 0:
                 break
             got += n

@@ -41,6 +41,13 @@ class FixedImage(VhdImage):
         data = self._file.pread(offset, length)
         return data if len(data) == length else data + bytes(length - len(data))
 
+    def read_into_zeroed(self, offset: int, dest: memoryview) -> None:
+        view = self._view
+        if view is not None:
+            dest[:] = view[offset : offset + len(dest)]
+        else:
+            self._file.readinto(offset, dest)  # short only at end of file, where dest stays zeros
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         assert 0 <= offset and offset + len(data) <= self._size
         if self._read_only:
