@@ -15,6 +15,12 @@ the complete new header, whose locator data was durable before it.
 
 The shadow is zeroed once the header is durable, so it is never taken for
 the copy of a later, different header.
+
+Where the shadow may lie: among the metadata (set_parent puts it beside the
+new locator data, which the header it tears into may not name), or in the
+last 1024 bytes before the footer (recovery, which clears locators and has no
+metadata room of its own: a tear can hide which locators the header named,
+so only a fixed place is found for sure).
 """
 
 from __future__ import annotations
@@ -41,11 +47,30 @@ def find(f: ImageFile, torn: bytes, *, at: int, limit: int, max_locator: int) ->
                        for loc in header.parent_locators if loc.used]
     stop = min(limit, max(ends) + 2 * max_locator + DynamicHeader.SIZE)
     # The BAT is not read: the shadow never lies inside it, and it can be megabytes.
-    for lo, hi in ((start, min(stop, bat[0])), (max(start, bat[1]), stop)):
+    tail = limit - DynamicHeader.SIZE
+    windows = [(start, min(stop, bat[0])), (max(start, bat[1]), stop)]
+    if tail >= start and (tail >= bat[1] or tail + DynamicHeader.SIZE <= bat[0]):
+        windows.append((tail, limit))
+    for lo, hi in windows:
         found = _find_in(f, torn, header, lo, hi)
         if found is not None:
             return found
     return None
+
+
+def rewrite(f: ImageFile, at: int, packed: bytes, *, shadow_at: int) -> None:
+    """Replace the header at `at` with `packed` so that no crash leaves it torn for good.
+
+    `shadow_at` is free space find() looks in (after the header, outside the BAT).
+    """
+    assert len(packed) == DynamicHeader.SIZE
+    f.pwrite(shadow_at, packed)
+    f.fdatasync()  # the shadow is whole before the header can tear: find() repairs from it
+    f.pwrite(at, packed)
+    f.fdatasync()  # the header is durable before its shadow goes
+    f.pwrite(shadow_at, bytes(DynamicHeader.SIZE))
+    # A shadow left behind could be taken for the copy of a later header; lost, it is only free space.
+    f.fdatasync()
 
 
 def _find_in(f: ImageFile, torn: bytes, header: DynamicHeader, lo: int, hi: int) -> tuple[int, DynamicHeader] | None:

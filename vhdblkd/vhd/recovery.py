@@ -13,8 +13,12 @@ Every step keeps the file openable if it is interrupted:
   shadow (header_shadow.py), one write, fdatasync; a tear of that write
   leaves the shadow in place to do it again;
 - a parent locator whose data lies outside the file is cleared from the
-  header (one write): its range is not reserved, so once the file grew over
-  it a block would overlap it and the image would no longer open.
+  header: its range is not reserved, so once the file grew over it a block
+  would overlap it and the image would no longer open.  The header's two
+  sectors change (locators in the second, checksum in the first), so it is
+  rewritten through a shadow (header_shadow.rewrite) in the last 1024 bytes
+  before the footer: the footer is first moved 1024 bytes past the data,
+  fdatasync, unless there is that much orphan space already.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from __future__ import annotations
 import logging
 
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import header_shadow
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, scan
-from vhdblkd.vhd.structs import ParentLocator
+from vhdblkd.vhd.structs import DynamicHeader, ParentLocator
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,9 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
                     ", ".join(map(str, lay.bad_locators)))
         locators = tuple(ParentLocator() if i in lay.bad_locators else loc
                          for i, loc in enumerate(lay.header.parent_locators))
-        f.pwrite(header_at, lay.header.replace(parent_locators=locators).pack())
-        f.fdatasync()
+        shadow_at = _room_before_footer(f, lay, footer_bytes)
+        header_shadow.rewrite(f, header_at, lay.header.replace(parent_locators=locators).pack(),
+                              shadow_at=shadow_at)
         lay = scan(f, lay.path)
         if lay.fatal is not None:
             return lay
@@ -82,6 +88,21 @@ def repair(f: ImageFile, lay: Layout) -> Layout:
         f.pwrite(0, footer_bytes)
         f.fdatasync()
     return scan(f, lay.path)
+
+
+def _room_before_footer(f: ImageFile, lay: Layout, footer_bytes: bytes) -> int:
+    """Offset of 1024 orphan bytes right before the footer, where header_shadow.find looks."""
+    if lay.footer_offset - lay.data_end >= DynamicHeader.SIZE:
+        return lay.footer_offset - DynamicHeader.SIZE
+    at = lay.data_end
+    end = at + DynamicHeader.SIZE + c.FOOTER_SIZE
+    f.pwrite(end - c.FOOTER_SIZE, footer_bytes)
+    if f.size() > end:
+        f.truncate(end)
+    # The footer is past the shadow's place before the shadow overwrites the old footer;
+    # until then the file is valid, with orphan space the last step of repair truncates.
+    f.fdatasync()
+    return at
 
 
 def _relocate_last_block(f: ImageFile, lay: Layout) -> Layout:
