@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,48 @@ def test_a_handover_does_not_pass_on_a_device_a_failed_detach_disconnected(tmp_p
     assert kept == [] and fds == [] and devices == []
     with open_image(path, read_only=True) as image:  # closed, unlocked, and what was written is there
         assert bytes(image.read(0, 4096)) == b"h" * 4096
+
+
+def test_a_restarted_daemon_reports_a_disconnected_failed_detach_and_adopts_only_live_devices(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The failed detach freed /dev/nbd0 and "b" got it; a crash then leaves both in the state file."""
+    first = make_rig(tmp_path)
+    first.service.start()
+    mgr, kernel = first.service.manager, first.kernel
+    att = mgr.attach(VhdtabEntry("a", first.image("a.vhd")), from_vhdtab=False)
+    image = first.opener.images[0]
+    disconnect = att.device.disconnect
+
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def disconnect_then_fail() -> None:
+        disconnect()
+        image.flush = full_disk  # type: ignore[method-assign]  # the host disk fills mid-detach
+
+    att.device.disconnect = disconnect_then_fail  # type: ignore[method-assign]
+    with pytest.raises(DetachFailed):
+        mgr.detach("a")
+    b = mgr.attach(VhdtabEntry("b", first.image("b.vhd")), from_vhdtab=False)
+    assert b.path == att.path == "/dev/nbd0"
+    at_crash = first.state.read_text()
+    [rec_a] = [r for r in json.loads(at_crash)["attachments"] if r["name"] == "a"]
+    assert rec_a["disconnected"] is True and "No space left" in rec_a["detach_failed"]
+    first.busy[0] = "mounted on /srv"  # so stopping keeps b's device connected, as a crash would
+    first.service.stop()
+    first.state.write_text(at_crash)  # the daemon died: the state file is as the crash left it
+    second = make_rig(tmp_path, kernel=kernel)
+    with caplog.at_level(logging.ERROR):
+        second.service.start()
+    try:
+        assert [x.name for x in second.service.manager.attachments()] == ["b"]  # adopted, not lost
+        assert second.service.manager.get("b").path == "/dev/nbd0"  # type: ignore[union-attr]
+        assert kernel.log.count(("disconnect", 0)) == 1  # only the failed detach's own
+        why = second.service.attach_errors["a"]
+        assert "stopped after disconnecting /dev/nbd0" in why and "No space left on device" in why
+        assert "vhdblkctl check" in why and "b" not in second.service.attach_errors
+        assert any("No space left on device" in r.getMessage() and r.levelno == logging.ERROR
+                   for r in caplog.records)
+    finally:
+        second.service.stop()

@@ -126,7 +126,8 @@ class Attachment:
 
     def record(self) -> StateRecord:
         return StateRecord(self.name, self.entry.image, self.path, self.transport, self.device.record(),
-                           self.entry.options, self.from_vhdtab)
+                           self.entry.options, self.from_vhdtab, detach_failed=self.failed,
+                           disconnected=self.disconnected)
 
 
 class AttachmentManager:

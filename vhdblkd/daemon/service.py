@@ -235,6 +235,9 @@ class Service:
             live = {}
         records = read_state(self.state_path)
         for record in records:
+            if record.disconnected:  # its path may serve a later attachment now: leave `live` alone
+                self._report_failed_detach(record)
+                continue
             dev = live.pop(record.path, None)
             if dev is None or not dev.connected:
                 log.info("%s: %s is no longer connected; not taking it back", record.name, record.path)
@@ -257,6 +260,15 @@ class Service:
                 if name not in taken:
                     self._cannot_take_back(name, dev.path, {"index": dev.index, "path": dev.path},
                                            "no state record names it")
+
+    def _report_failed_detach(self, record: StateRecord) -> None:
+        msg = (
+            f"the earlier vhdblkd's detach of {record.image} stopped after disconnecting {record.path}: "
+            f"{record.detach_failed or 'its flush failed'}; what was written last may not be on disk; "
+            f"run `vhdblkctl check {record.image}` before using it again"
+        )
+        log.error("%s: %s", record.name, msg)
+        self.attach_errors[record.name] = msg
 
     def _table_names_from_identifier(self, identifier: str | None) -> list[str]:
         prefix = self.transport.backend_identifier("")

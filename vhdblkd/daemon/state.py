@@ -1,7 +1,10 @@
 """/run/vhdblkd/state.json: what is attached where, so a restarted daemon can find its devices.
 
 Written atomically (temporary file and rename) after every change; read at
-start to re-adopt devices the kernel still has.
+start to re-adopt devices the kernel still has.  An attachment whose detach
+failed after disconnecting its device is recorded as such: it has no device
+left to adopt (its path may serve another attachment by then), so a
+restarted daemon only reports that the image's last flush failed.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ STATE_VERSION = 1
 STATE_FILE = "state.json"
 
 
-_COMMON = ("name", "image", "device", "transport", "options", "from_vhdtab")
+_COMMON = ("name", "image", "device", "transport", "options", "from_vhdtab", "detach_failed", "disconnected")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,8 @@ class StateRecord:
     device: dict[str, Any]  # e.g. nbd: index, backend_identifier, connections
     options: dict[str, Any]
     from_vhdtab: bool
+    detach_failed: str | None = None  # why the last detach stopped, if it did
+    disconnected: bool = False  # that detach had disconnected the device: nothing to adopt
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +50,8 @@ class StateRecord:
             "transport": self.transport,
             "options": self.options,
             "from_vhdtab": self.from_vhdtab,
+            "detach_failed": self.detach_failed,
+            "disconnected": self.disconnected,
         }
 
     @classmethod
@@ -61,6 +68,8 @@ class StateRecord:
             device={k: v for k, v in obj.items() if k not in _COMMON},
             options=dict(obj.get("options", {})),
             from_vhdtab=bool(obj.get("from_vhdtab", False)),
+            detach_failed=None if obj.get("detach_failed") is None else str(obj["detach_failed"]),
+            disconnected=bool(obj.get("disconnected", False)),
         )
 
 
