@@ -156,6 +156,12 @@ class FaultFile(ImageFile):
         if end > offset:
             self.log.ops.append(Op("write", offset, bytes(end - offset)))
 
+    def data_runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        return self.inner.data_runs(start, end)
+
+    def has_hole(self, start: int, end: int) -> bool:
+        return self.inner.has_hole(start, end)
+
     def fdatasync(self) -> None:
         self.log.maybe_fail("fdatasync", 0, 0, self.path)
         self.inner.fdatasync()

@@ -124,3 +124,100 @@ def test_fixed_reports_file_holes(tmp_path: Path) -> None:
             if not e.zero:
                 assert pos <= 1024 * 1024 < pos + e.length or pos < 1024 * 1024 + 65536 <= pos + e.length
             pos += e.length
+
+
+MiB = 1024 * 1024
+
+
+def _count_lseeks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the lseek calls the format layer makes (the real call still happens)."""
+    calls: list[int] = []
+    real = os.lseek
+
+    def counting(fd: int, pos: int, how: int) -> int:
+        calls.append(how)
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", counting)
+    return calls
+
+
+def _holes_supported(path: Path) -> bool:
+    probe = path.with_suffix(".probe")
+    with open(probe, "wb") as f:
+        f.truncate(MiB)
+        f.seek(MiB - 1)
+        f.write(b"x")
+    try:
+        fd = os.open(probe, os.O_RDONLY)
+        try:
+            return os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def test_fully_written_fixed_answers_all_data_without_syscalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Learnt at open, kept while nothing punches a hole; a discard makes it look again."""
+    path = tmp_path / "full.vhd"
+    size = 4 * MiB
+    create_fixed(str(path), size, exact_size=True)
+    with open_image(str(path)) as image:
+        for off in range(0, size, MiB):
+            image.write(off, bytes([off // MiB + 1]) * MiB)
+    calls = _count_lseeks(monkeypatch)
+    with open_image(str(path)) as image:
+        calls.clear()
+        assert image.allocation(0, size) == [Extent(size, 1, False)]
+        assert image.allocation(MiB + 512, 65536) == [Extent(65536, 1, False)]
+        assert image.allocation(size - 512, MiB) == [Extent(512, 1, False)]
+        assert image.allocation(size, 10) == []
+        image.write(0, b"w" * 4096)  # writes never make holes: still no lookups
+        assert image.allocation(0, size) == [Extent(size, 1, False)]
+        assert calls == []
+        image.discard(2 * MiB, MiB)
+        runs = image.allocation(0, size)
+        assert calls, "after a discard the file's holes are looked up again"
+        assert sum(e.length for e in runs) == size and all(e.depth == 1 for e in runs)
+        if _holes_supported(tmp_path):
+            assert runs == [Extent(2 * MiB, 1, False), Extent(MiB, 1, True), Extent(MiB, 1, False)]
+        assert image.read(2 * MiB, 4096) == bytes(4096)
+        image.write(2 * MiB, b"v" * MiB)  # fills the hole again ...
+        assert image.allocation(0, size) == [Extent(size, 1, False)]
+        image.flush()  # ... which a flush notices
+        calls.clear()
+        assert image.allocation(0, size) == [Extent(size, 1, False)]
+        assert calls == []
+
+
+def test_sparse_fixed_reports_holes_before_and_after_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _holes_supported(tmp_path):
+        pytest.skip("this file system reports no holes (SEEK_HOLE)")
+    path = tmp_path / "sparse.vhd"
+    size = 4 * MiB
+    create_fixed(str(path), size, exact_size=True)
+    with open_image(str(path)) as image:
+        image.discard(0, size)  # a sparse file, as a raw copy with holes would be
+    with open_image(str(path)) as image:
+        assert image.allocation(0, size) == [Extent(size, 1, True)]
+        image.write(MiB, b"a" * MiB)
+        assert image.allocation(0, size) == [Extent(MiB, 1, True), Extent(MiB, 1, False), Extent(2 * MiB, 1, True)]
+        image.flush()
+        assert image.allocation(0, size) == [Extent(MiB, 1, True), Extent(MiB, 1, False), Extent(2 * MiB, 1, True)]
+        for off in (0, 2 * MiB, 3 * MiB):
+            image.write(off, b"b" * MiB)
+        image.flush()
+        calls = _count_lseeks(monkeypatch)
+        assert image.allocation(0, size) == [Extent(size, 1, False)]
+        assert calls == []
+    # A child of a fixed parent: the parent's answer at depth 2, from the same knowledge.
+    child = tmp_path / "child.vhd"
+    create_differencing(str(child), str(path), block_size=BS)
+    with open_image(str(child)) as image:
+        image.write(0, b"c" * BS)
+        calls.clear()
+        assert image.allocation(0, size) == [Extent(BS, 1, False), Extent(size - BS, 2, False)]
+        assert calls == []

@@ -157,6 +157,18 @@ class ImageFile:
             pos = hole
         return runs
 
+    def has_hole(self, start: int, end: int) -> bool:
+        """Whether [start, end) may hold a hole (one SEEK_HOLE); False where unsupported,
+        as data_runs then reports data."""
+        try:
+            return os.lseek(self._fd, start, os.SEEK_HOLE) < end
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # start at or past the end of file: all hole
+                return start < end
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return False
+            raise
+
     def fdatasync(self) -> None:
         os.fdatasync(self._fd)
 

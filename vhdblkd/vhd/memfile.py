@@ -98,6 +98,9 @@ class MemoryFile(ImageFile):
     def data_runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         return [(start, end - start, True)] if end > start else []  # no holes in memory
 
+    def has_hole(self, start: int, end: int) -> bool:
+        return False
+
     def fdatasync(self) -> None:
         self._disk.record(Op("sync"))
 
