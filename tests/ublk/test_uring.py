@@ -163,3 +163,17 @@ def test_sqe128_ring_takes_wide_entries() -> None:
             assert ring.completions() == [(i, 0, 0)]
     finally:
         ring.close()
+
+
+def test_the_queue_loops_one_pack_commit_is_the_sqe_prep_writes() -> None:
+    from vhdblkd.ublk.queue import _IO_SQE
+    from vhdblkd.ublk.structs import IO_CMD
+
+    mem, sqes = _memory()
+    sq = SubmissionQueue(mem, SQ_OFF, sqes, c.SQE_SIZE)
+    sqes[:] = b"\xaa" * len(sqes)  # stale bytes of an earlier use of the slots
+    prep(sq, c.IORING_OP_URING_CMD, 5, off=c.UBLK_U_IO_COMMIT_AND_FETCH_REQ, user_data=9,
+         cmd=IO_CMD.pack(1, 9, -28, 0x7F0000001000))
+    _IO_SQE.pack_into(sq.sqes, sq.next_sqe(False), c.IORING_OP_URING_CMD, 0, 0, 5, c.UBLK_U_IO_COMMIT_AND_FETCH_REQ,
+                      0, 0, 0, 0, 9, 0, 0, 0, 1, 9, -28, 0x7F0000001000)
+    assert sqes[: c.SQE_SIZE] == sqes[c.SQE_SIZE : 2 * c.SQE_SIZE]

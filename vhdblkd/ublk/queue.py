@@ -29,18 +29,22 @@ import errno
 import logging
 import mmap
 import os
+import struct
 import threading
 from typing import Protocol
 
 from ..errors import UblkError
 from . import constants as c
 from .flusher import Flusher
-from .structs import IO_CMD, IO_DESC, IoDesc
+from .structs import IO_CMD, IO_DESC, SQE_HEAD, IoDesc
 from .uring import Completion, Ring, SubmissionQueue, prep
 
 log = logging.getLogger(__name__)
 
 _PAGE = mmap.PAGESIZE
+# A whole I/O SQE in one pack: the SQE head as prep() writes it, then the ublksrv_io_cmd.
+_IO_SQE = struct.Struct(SQE_HEAD.format + IO_CMD.format.lstrip("<"))
+assert _IO_SQE.size == c.SQE_SIZE
 _WAKE = 1 << 32  # user_data of the release eventfd's read; tags are 16-bit
 _FLUSHED = 1 << 33  # user_data of the flusher eventfd's read
 
@@ -232,6 +236,7 @@ class Queue:
         live = depth
         pending = early
         unpack, handler, stats = IO_DESC.unpack_from, self.handler, self.stats
+        pack_sqe, next_sqe, sqes = _IO_SQE.pack_into, sq.next_sqe, sq.sqes
         released = False
         while live and not released:
             if not pending:
@@ -265,7 +270,9 @@ class Queue:
                     log.exception("ublk queue %d tag %d: request failed", q_id, tag)
                     result = -errno.EIO
                 _count(stats, op_flags & 0xFF, result)
-                prep(sq, uring_cmd, fd, off=commit_op, user_data=tag, cmd=IO_CMD.pack(q_id, tag, result, base + start))
+                # COMMIT_AND_FETCH, the whole SQE in one pack (what prep() writes, in fewer calls).
+                pack_sqe(sqes, next_sqe(False), uring_cmd, 0, 0, fd, commit_op, 0, 0, 0, 0, tag, 0, 0, 0,
+                         q_id, tag, result, base + start)
             pending = []
         if released:
             ring.submit()  # the last batch's results; closing the ring then hands the tags back
