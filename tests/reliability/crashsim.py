@@ -15,6 +15,10 @@ have reached the disk in part.  Three models of that epoch:
 - ``torn``: as ``pagecache``, but each 512-byte sector on its own: a device
   that writes a dirty page back in sector-sized pieces and loses power
   half-way (sectors are the unit a disk writes atomically).
+
+``pagecache`` and ``torn`` apply to an epoch of a single write as well (one
+that spans several pages or sectors): a lone header or BAT-sector rewrite
+between two syncs tears like any other.
 """
 
 from __future__ import annotations
@@ -102,14 +106,32 @@ def crash_states(initial: bytes, ops: list[Op], rng: random.Random, *, subsets: 
         if not epoch:
             continue
         yield CrashState(k, "drop-all", durable)
-        if len(epoch) >= 2:
-            for _ in range(subsets):
-                data = bytearray(durable)
-                for op in epoch:
-                    if rng.random() < 0.5:
-                        apply(data, op)
-                yield CrashState(k, "drop-subset", bytes(data))
-            for _ in range(pagecache):
-                yield CrashState(k, "pagecache", pagecache_state(durable, epoch, rng))
-            for _ in range(torn):
-                yield CrashState(k, "torn", pagecache_state(durable, epoch, rng, SECTOR))
+        yield from _epoch_states(k, durable, epoch, rng, subsets, pagecache, torn)
+
+
+def _epoch_states(k: int, durable: bytes, epoch: list[Op], rng: random.Random, subsets: int,
+                  pagecache: int, torn: int) -> Iterator[CrashState]:
+    if len(epoch) >= 2:  # with one write, a subset is all or nothing: prefix and drop-all
+        for _ in range(subsets):
+            data = bytearray(durable)
+            for op in epoch:
+                if rng.random() < 0.5:
+                    apply(data, op)
+            yield CrashState(k, "drop-subset", bytes(data))
+    # A lone write tears too: its pages (or sectors) reach the disk each on its own.
+    if _spans_units(epoch, PAGE):
+        for _ in range(pagecache):
+            yield CrashState(k, "pagecache", pagecache_state(durable, epoch, rng))
+    if _spans_units(epoch, SECTOR):
+        for _ in range(torn):
+            yield CrashState(k, "torn", pagecache_state(durable, epoch, rng, SECTOR))
+
+
+def _spans_units(epoch: list[Op], unit: int) -> bool:
+    """Whether the epoch can leave anything but all or none of it: several ops, or one over several units."""
+    if len(epoch) != 1:
+        return bool(epoch)
+    op = epoch[0]
+    if op.kind != "write":
+        return True  # a truncate: the size and the zeroed tail are separate
+    return op.offset // unit != (op.offset + len(op.data) - 1) // unit
