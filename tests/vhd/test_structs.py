@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import struct
+import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vhdblkd.errors import CorruptImage
 from vhdblkd.vhd import constants as c
-from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator, checksum
+from vhdblkd.vhd.structs import DynamicHeader, Footer, ParentLocator, checksum, uuid_text
+from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
 
 
 def _footer(**kw: object) -> Footer:
@@ -152,3 +157,23 @@ def test_header_checksum_and_cookie_errors() -> None:
     raw[0:8] = b"xxxxxxxx"
     with pytest.raises(CorruptImage, match="field cookie expected b'cxsparse'"):
         DynamicHeader.unpack(raw)
+
+
+# --- the text forms `info` prints without importing uuid or datetime ------------------------------
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_uuid_text_is_what_uuid_prints(raw: bytes) -> None:
+    assert uuid_text(raw) == str(uuid.UUID(bytes=raw))
+
+
+@pytest.mark.parametrize("size", [0, 15, 17])
+def test_uuid_text_refuses_a_wrong_length(size: int) -> None:
+    with pytest.raises(ValueError):
+        uuid_text(bytes(size))
+
+
+@given(st.integers(min_value=0, max_value=0xFFFFFFFF))
+def test_timestamp_text_is_what_datetime_prints(timestamp: int) -> None:
+    moment = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc) + datetime.timedelta(seconds=timestamp)
+    assert vhd_timestamp_to_iso(timestamp) == moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -15,7 +14,7 @@ from vhdblkd.vhd.geometry import Geometry
 from vhdblkd.vhd.info import ChainLevel, ImageInfo, ParentInfo
 from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
-from vhdblkd.vhd.structs import DynamicHeader, Footer
+from vhdblkd.vhd.structs import DynamicHeader, Footer, uuid_text
 from vhdblkd.vhd.timestamp import vhd_timestamp_to_iso
 
 if TYPE_CHECKING:
@@ -153,7 +152,7 @@ class VhdImage:
             link = child.parent_link
             if link is not None:
                 levels.append(ChainLevel(
-                    path=node.path, disk_type=node.disk_type, unique_id=str(uuid.UUID(bytes=node.footer.unique_id)),
+                    path=node.path, disk_type=node.disk_type, unique_id=uuid_text(node.footer.unique_id),
                     found_by=link.found_by, id_matches=link.id_matches, timestamp_matches=link.timestamp_matches,
                     timestamp=vhd_timestamp_to_iso(link.timestamp),
                     expected_timestamp=vhd_timestamp_to_iso(link.expected_timestamp) if link.expected_timestamp
@@ -167,7 +166,7 @@ class VhdImage:
             creator_app=_fourcc(f.creator_application),
             creator_version=f"{f.creator_version >> 16}.{f.creator_version & 0xFFFF}",
             creator_os=_fourcc(f.creator_host_os),
-            unique_id=str(uuid.UUID(bytes=f.unique_id)),
+            unique_id=uuid_text(f.unique_id),
             timestamp=vhd_timestamp_to_iso(f.timestamp),
             block_size=self.block_size,
             allocated_blocks=self.allocated_blocks,
@@ -176,7 +175,7 @@ class VhdImage:
             footer_checksum_ok=self._layout.footer_checksum_ok,
             header_checksum_ok=self._layout.header_checksum_ok if self.header is not None else None,
             parent=None if parent is None else ParentInfo(
-                path=parent.path, unique_id=str(uuid.UUID(bytes=parent.footer.unique_id))),
+                path=parent.path, unique_id=uuid_text(parent.footer.unique_id)),
             parent_chain=tuple(chain),
             parent_timestamp_matches=None if self.parent_link is None else self.parent_link.timestamp_matches,
             chain=tuple(levels),

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import uuid
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,7 +36,7 @@ from vhdblkd.vhd import constants as c
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import MAX_LOCATOR_LENGTH
-from vhdblkd.vhd.structs import DynamicHeader, Footer
+from vhdblkd.vhd.structs import DynamicHeader, Footer, uuid_text
 from vhdblkd.vhd.timestamp import vhd_mtime, vhd_timestamp_to_iso
 
 FileFactory = Callable[[str, bool], ImageFile]
@@ -178,8 +177,8 @@ def _refusal(path: str, header: DynamicHeader, child_path: str, allow_unsafe: bo
     except (OSError, VhdError) as exc:
         return "unreadable", f"unreadable ({exc})"
     if unique_id != header.parent_unique_id:
-        return "wrong-id", (f"unique id {uuid.UUID(bytes=unique_id)}, but the child expects "
-                            f"{uuid.UUID(bytes=header.parent_unique_id)}: a different image")
+        return "wrong-id", (f"unique id {uuid_text(unique_id)}, but the child expects "
+                            f"{uuid_text(header.parent_unique_id)}: a different image")
     link = ParentLink(child_path, path, "", header.parent_unique_id, unique_id, header.parent_timestamp, mtime)
     if strict_timestamp and not link.timestamp_matches:
         return "timestamp", link.timestamp_words()
@@ -214,7 +213,7 @@ def identify(path: str, file_factory: FileFactory = ImageFile) -> tuple[bytes, i
 
 def _search_failed(child: str, child_dir: str, header: DynamicHeader, refused: list[Refusal]) -> ParentError:
     """The error when no candidate is the parent: each one tried, why it was refused, what to do."""
-    expected = uuid.UUID(bytes=header.parent_unique_id)
+    expected = uuid_text(header.parent_unique_id)
     tried = "; ".join(map(str, refused)) or "no locator or name present"
     reasons = {r.reason for r in refused}
     if reasons <= {"not-found"}:
@@ -289,10 +288,10 @@ def link_to(child: str, header: DynamicHeader, found_by: str, parent: VhdImage) 
 def vet(link: ParentLink, *, strict_timestamp: bool) -> None:
     """Refuse a parent that is not the child's (ParentError); with strict_timestamp, a changed one too."""
     if not link.id_matches:
-        expected = uuid.UUID(bytes=link.expected_unique_id)
+        expected = uuid_text(link.expected_unique_id)
         raise ParentError(
             f"{link.child}: parent {link.path} (found through the {link.found_by}) has unique id "
-            f"{uuid.UUID(bytes=link.unique_id)}, but the child expects {expected}: it is a different image "
+            f"{uuid_text(link.unique_id)}, but the child expects {expected}: it is a different image "
             "(reading through it would show wrong data). Point the child at the image whose unique id is "
             f"{expected} with `vhdblkctl set-parent {link.child} PARENT`; only if {link.path} holds the "
             f"very same data under a new id: `vhdblkctl set-parent --ignore-id-mismatch {link.child} {link.path}`")

@@ -25,6 +25,14 @@ def checksum(buf: bytes | bytearray | memoryview, checksum_offset: int | None = 
     return ~total & 0xFFFFFFFF
 
 
+def uuid_text(raw: bytes) -> str:
+    """A 16-byte unique id as str(uuid.UUID(bytes=raw)) prints it; importing uuid costs `info` a twentieth."""
+    if len(raw) != 16:
+        raise ValueError(f"a unique id is 16 bytes, not {len(raw)}")
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _with_checksum(raw: bytearray, checksum_offset: int) -> bytes:
     _CHECKSUM_FIELD.pack_into(raw, checksum_offset, checksum(raw, checksum_offset))
     return bytes(raw)

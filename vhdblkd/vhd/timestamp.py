@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
 import time
 
 from vhdblkd.vhd import constants as c
-
-VHD_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 def vhd_mtime(unix_seconds: int) -> int:
@@ -20,5 +17,5 @@ def vhd_now() -> int:
 
 
 def vhd_timestamp_to_iso(timestamp: int) -> str:
-    moment = VHD_EPOCH + datetime.timedelta(seconds=timestamp)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    # time.gmtime, not datetime: importing datetime is a fiftieth of `vhdblkctl info`.
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.VHD_EPOCH_OFFSET + timestamp))
