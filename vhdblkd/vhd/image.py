@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vhdblkd.errors import ParentError, VhdError
 from vhdblkd.vhd import constants as c
-from vhdblkd.vhd import parent as parent_mod
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.differencing import DifferencingImage
 from vhdblkd.vhd.dynamic import DynamicImage
@@ -16,6 +16,9 @@ from vhdblkd.vhd.layout import scan
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.recovery import needs_repair, repair
 from vhdblkd.vhd.structs import DynamicHeader
+
+if TYPE_CHECKING:
+    from vhdblkd.vhd.parent import ParentLink
 
 __all__ = ["VhdImage", "FixedImage", "DynamicImage", "DifferencingImage", "open_image"]
 
@@ -58,6 +61,8 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, strict_paren
             image = DynamicImage(path, f, lay, read_only=read_only, lock=image_lock)
         else:
             assert lay.header is not None
+            # Imported here: opening a fixed or dynamic image (all `info` of one needs) searches no parent.
+            from vhdblkd.vhd import parent as parent_mod
             # The child's size need not match the parent's: a grown child reads zeros past the
             # parent's end, a smaller one simply never sees the parent's tail.
             parent, link = _open_parent(path, f, lay.header, allow_unsafe_parent=allow_unsafe_parent,
@@ -81,7 +86,9 @@ def _open(path: str, *, read_only: bool, allow_unsafe_parent: bool, strict_paren
 
 def _open_parent(child: str, f: ImageFile, header: DynamicHeader, *, allow_unsafe_parent: bool,
                  strict_parent_timestamp: bool, lock: bool, file_factory: FileFactory,
-                 depth: int) -> tuple[VhdImage, parent_mod.ParentLink]:
+                 depth: int) -> tuple[VhdImage, ParentLink]:
+    from vhdblkd.vhd import parent as parent_mod
+
     if depth >= MAX_CHAIN_DEPTH:
         raise ParentError(f"{child}: the parent chain is more than {MAX_CHAIN_DEPTH} images deep (a loop?)")
     found_by, parent_path = parent_mod.find(f, header, child, allow_unsafe=allow_unsafe_parent,
