@@ -121,7 +121,7 @@ class FaultFile(ImageFile):
         self._check_read(offset, length)
         return self.inner.pread(offset, length)
 
-    def readinto(self, offset: int, buf: memoryview) -> int:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         self._check_read(offset, len(buf))
         return self.inner.readinto(offset, buf)
 

@@ -186,7 +186,7 @@ class VhdImage:
     def read(self, offset: int, length: int) -> Buffer:
         raise NotImplementedError
 
-    def read_into_zeroed(self, offset: int, dest: memoryview) -> None:
+    def read_into_zeroed(self, offset: int, dest: bytearray | memoryview) -> None:
         """Read len(dest) bytes at `offset` into `dest`, which holds zeros when called.
 
         How a child reads its parent: straight into the child's buffer, and a layer may

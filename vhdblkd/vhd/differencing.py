@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vhdblkd.vhd.base import VhdImage
 from vhdblkd.vhd.blockmap import UNUSED
-from vhdblkd.vhd.dynamic import DynamicImage
+from vhdblkd.vhd.dynamic import Dest, DynamicImage
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout
 from vhdblkd.vhd.lock import ImageLock
@@ -28,13 +28,13 @@ class DifferencingImage(DynamicImage):
         if isinstance(parent, DynamicImage) and parent.block_size == self.block_size and parent.size >= self.size:
             self._below = parent
 
-    def _fill_absent(self, voff: int, dest: memoryview) -> None:
+    def _fill_absent(self, voff: int, dest: Dest) -> None:
         """The parent's data; zeros (already in `dest`) past the parent's end (a child may be the larger)."""
         parent = self.parent
         assert parent is not None
         avail = min(len(dest), parent.size - voff)
         if avail > 0:
-            parent.read_into_zeroed(voff, dest if avail == len(dest) else dest[:avail])
+            parent.read_into_zeroed(voff, dest if avail == len(dest) else memoryview(dest)[:avail])
 
     def _fresh_bitmap(self) -> bytearray | None:
         return bytearray(self._bitmap_size)

@@ -70,6 +70,7 @@ from vhdblkd.vhd.recovery import needs_repair, repair
 log = logging.getLogger(__name__)
 
 _NOT_LOADED = bytearray()  # sentinel for a bitmap not read yet (never a valid bitmap)
+Dest = bytearray | memoryview  # where a read goes; sliced only as a memoryview, so writes go through
 
 
 def _span_state(bitmap: bytearray, in_block: int, length: int) -> int:
@@ -140,7 +141,7 @@ class DynamicImage(VhdImage):
 
     # --- what a kind of image changes ------------------------------------------
 
-    def _fill_absent(self, voff: int, dest: memoryview) -> None:
+    def _fill_absent(self, voff: int, dest: Dest) -> None:
         """Put what sectors not in this file read as, from virtual offset `voff`, into `dest`.
 
         `dest` holds zeros (see read_into_zeroed), which is what a dynamic disk's absent
@@ -160,20 +161,26 @@ class DynamicImage(VhdImage):
     def read(self, offset: int, length: int) -> Buffer:
         assert 0 <= offset and offset + length <= self._size
         out = bytearray(length)
-        if length:  # a zero-length read at the very end would name a block past the BAT
+        block, in_block = divmod(offset, self.block_size)
+        if in_block + length <= self.block_size:
+            if length:  # a zero-length read at the very end would name a block past the BAT
+                # Profile (4k reads): no memoryview unless a level slices (most never do).
+                self._fill_block(block, in_block, offset, out)
+        else:
             self.read_into_zeroed(offset, memoryview(out))
         return out
 
-    def read_into_zeroed(self, offset: int, dest: memoryview) -> None:
+    def read_into_zeroed(self, offset: int, dest: Dest) -> None:
         bs = self.block_size
         block, in_block = divmod(offset, bs)
         if in_block + len(dest) <= bs:
             self._fill_block(block, in_block, offset, dest)
             return
+        dest = memoryview(dest)
         for block, in_block, pos, n in spans(offset, len(dest), bs):
             self._fill_block(block, in_block, offset + pos, dest[pos : pos + n])
 
-    def _fill_block(self, block: int, in_block: int, voff: int, dest: memoryview) -> None:
+    def _fill_block(self, block: int, in_block: int, voff: int, dest: Dest) -> None:
         """Fill `dest` (inside one block) from the first level down the chain that holds it.
 
         Profile (4k random reads, 3-level chain): a read per level, each with its own buffer,
@@ -196,16 +203,20 @@ class DynamicImage(VhdImage):
                 image._learn_state(block)
                 continue
             if state == FULL:
-                image._readinto(sectors_to_bytes(image._entries[block]) + image._bitmap_size + in_block, dest)
+                at = sectors_to_bytes(image._entries[block]) + image._bitmap_size + in_block
+                if image._file.readinto(at, dest) < len(dest):
+                    image._readinto(at, dest)  # short: past the end of a truncated file, zeros
                 return
             below = image._below
             if below is None:
-                image._fill_absent(voff, dest)
-                return
+                if image.parent is not None:
+                    image._fill_absent(voff, dest)
+                return  # a dynamic image's absent sectors are the zeros already there
             image = below
 
-    def _fill_runs(self, bitmap: bytearray, block: int, in_block: int, voff: int, dest: memoryview) -> None:
+    def _fill_runs(self, bitmap: bytearray, block: int, in_block: int, voff: int, dest: Dest) -> None:
         """The part of a block with set and clear bits: each run from here or from below."""
+        dest = memoryview(dest)  # slices must write through
         data_at = sectors_to_bytes(self._entries[block]) + self._bitmap_size
         n = len(dest)
         first, stop = sectors_spanning(in_block, in_block + n)
@@ -218,7 +229,7 @@ class DynamicImage(VhdImage):
             else:
                 self._fill_absent(voff - in_block + lo, sub)
 
-    def _readinto(self, offset: int, dest: memoryview) -> None:
+    def _readinto(self, offset: int, dest: Dest) -> None:
         got = self._file.readinto(offset, dest)
         if got < len(dest):
             dest[got:] = bytes(len(dest) - got)

@@ -67,12 +67,12 @@ class ImageFile:
             got += len(more)
         return b"".join(parts)
 
-    def readinto(self, offset: int, buf: memoryview) -> int:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         """Fill `buf` from `offset`; returns the bytes read (fewer only at end of file)."""
         total = len(buf)
         got = os.preadv(self._fd, (buf,), offset)  # the usual case: all of it at once
         while 0 < got < total:
-            n = os.preadv(self._fd, (buf[got:],), offset + got)
+            n = os.preadv(self._fd, (memoryview(buf)[got:],), offset + got)
             if n <= 0:
                 break
             got += n

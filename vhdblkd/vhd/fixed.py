@@ -58,7 +58,7 @@ class FixedImage(VhdImage):
         data = self._file.pread(offset, length)
         return data if len(data) == length else data + bytes(length - len(data))
 
-    def read_into_zeroed(self, offset: int, dest: memoryview) -> None:
+    def read_into_zeroed(self, offset: int, dest: bytearray | memoryview) -> None:
         view = self._view
         if view is not None:
             dest[:] = view[offset : offset + len(dest)]

@@ -75,9 +75,9 @@ class MemoryFile(ImageFile):
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self._disk.data[offset : offset + length])
 
-    def readinto(self, offset: int, buf: memoryview) -> int:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> int:
         chunk = self._disk.data[offset : offset + len(buf)]
-        buf[: len(chunk)] = chunk
+        memoryview(buf)[: len(chunk)] = chunk  # a short chunk must not resize a bytearray
         return len(chunk)
 
     def pwrite(self, offset: int, data: Buffer) -> None:
