@@ -54,6 +54,8 @@ class ChainLevel:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ImageInfo:
+    """What an open image is: its type, size, identity, allocation, checksums and parents."""
+
     path: str
     disk_type: str  # "fixed", "dynamic" or "differencing"
     virtual_size: int

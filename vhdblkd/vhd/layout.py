@@ -36,6 +36,8 @@ class Problem:
 
 @dataclasses.dataclass(slots=True)
 class Layout:
+    """Where everything of an image file is, as scan() found it, and what is wrong with it."""
+
     path: str
     file_size: int
     footer: Footer | None = None
