@@ -17,7 +17,8 @@ Every step leaves a valid image holding the old data if it is interrupted:
 - differencing grow: as dynamic grow; parent locators' data in the way of the
   larger BAT is first copied just past the new BAT and the old locators (the
   blocks in that range having been moved to the end as above), fdatasync,
-  then the header is repointed at the copies, fdatasync.  The metadata stays
+  then the header is repointed at the copies through a shadow
+  (header_shadow.rewrite) in the 1024 bytes before the footer.  The metadata stays
   ahead of every block, so the layout scan and recovery need no new cases.
   A grown child reads zeros past its parent's size; shrinking a child is
   refused (its parent would show through again if it were grown back).
@@ -29,6 +30,7 @@ import dataclasses
 
 from vhdblkd.errors import UnsupportedImage
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd import header_shadow
 from vhdblkd.vhd.blockmap import UNUSED, round_up_sector, unused_table
 from vhdblkd.vhd.compact import Maintenance, Progress, _no_progress, maintain, write_bat_entry
 from vhdblkd.vhd.fileio import ImageFile
@@ -187,8 +189,12 @@ def _move_locators(m: Maintenance, header: DynamicHeader, moving: list[tuple[int
     f.fdatasync()  # the copies are durable before the header points at them
     header = header.replace(parent_locators=tuple(locs))
     assert m.layout.footer is not None
-    f.pwrite(m.layout.footer.data_offset, header.pack())
-    f.fdatasync()
+    # Both header sectors change (the offsets in the second, the checksum in the first): the
+    # header goes through a shadow in the 1024 bytes before the footer, moved past it first.
+    shadow_at = round_up_sector(f.size() - c.FOOTER_SIZE)
+    f.pwrite(shadow_at + DynamicHeader.SIZE, m.layout.footer.pack())
+    f.fdatasync()  # the file ends in a footer again; the space before it is orphan
+    header_shadow.rewrite(f, m.layout.footer.data_offset, header.pack(), shadow_at=shadow_at)
     return header
 
 
