@@ -80,7 +80,9 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
-        listener.listen(16)
+        # A client with a timeout (vhdblkctl's) gets EAGAIN, not a wait, once the backlog is full:
+        # many vhdblkctl calls at once (boot scripts) must queue rather than fail.
+        listener.listen(socket.SOMAXCONN)
         self._listener = listener
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
         self._thread.start()
