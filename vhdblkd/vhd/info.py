@@ -2,34 +2,75 @@
 
 `as_dict()` gives the JSON form `vhdblkctl info --json` prints; its keys and
 their order are part of the command's interface.
+
+The three are plain slotted classes with the equality, hash and repr a
+frozen dataclass would give: making three dataclasses at import was a
+sixteenth of `vhdblkctl info`, which builds one of each at most.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import TYPE_CHECKING
 
-from vhdblkd.vhd.geometry import Geometry
+if TYPE_CHECKING:
+    from vhdblkd.vhd.geometry import Geometry
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ParentInfo:
+class _Frozen:
+    """Equality, hash and repr over the fields in __slots__; no field is assigned after __init__."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _init(self, **values: object) -> None:
+        for name in self.__slots__:
+            object.__setattr__(self, name, values[name])
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Frozen)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__qualname__}({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+
+class ParentInfo(_Frozen):
     """The immediate parent of a differencing image, as opened."""
 
+    __slots__ = ("path", "unique_id")
     path: str
     unique_id: str
+
+    def __init__(self, path: str, unique_id: str) -> None:
+        self._init(path=path, unique_id=unique_id)
 
     def as_dict(self) -> dict[str, object]:
         return {"path": self.path, "unique_id": self.unique_id}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ChainLevel:
+class ChainLevel(_Frozen):
     """One parent in a differencing chain, and how it compares with what its child records.
 
     id_matches is always true for a chain that opened (a wrong id is refused);
     timestamp_matches is false for a copied parent or a child that records 0.
     """
 
+    __slots__ = ("path", "disk_type", "unique_id", "found_by", "id_matches", "timestamp_matches", "timestamp",
+                 "expected_timestamp")
     path: str
     disk_type: str
     unique_id: str
@@ -38,6 +79,11 @@ class ChainLevel:
     timestamp_matches: bool
     timestamp: str  # the parent file's mtime, ISO 8601 UTC
     expected_timestamp: str | None  # what the child records; None when it records 0
+
+    def __init__(self, path: str, disk_type: str, unique_id: str, found_by: str, id_matches: bool,
+                 timestamp_matches: bool, timestamp: str, expected_timestamp: str | None) -> None:
+        self._init(path=path, disk_type=disk_type, unique_id=unique_id, found_by=found_by, id_matches=id_matches,
+                   timestamp_matches=timestamp_matches, timestamp=timestamp, expected_timestamp=expected_timestamp)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -52,10 +98,13 @@ class ChainLevel:
         }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ImageInfo:
+class ImageInfo(_Frozen):
     """What an open image is: its type, size, identity, allocation, checksums and parents."""
 
+    __slots__ = ("path", "disk_type", "virtual_size", "geometry", "creator_app", "creator_version", "creator_os",
+                 "unique_id", "timestamp", "block_size", "allocated_blocks", "total_blocks", "file_size",
+                 "footer_checksum_ok", "header_checksum_ok", "parent", "parent_chain", "parent_timestamp_matches",
+                 "chain")
     path: str
     disk_type: str  # "fixed", "dynamic" or "differencing"
     virtual_size: int
@@ -74,8 +123,20 @@ class ImageInfo:
     parent: ParentInfo | None
     parent_chain: tuple[str, ...]  # parent first, then its parent, ...
     # Whether the parent's mtime is what this image records (None: no parent).
-    parent_timestamp_matches: bool | None = None
-    chain: tuple[ChainLevel, ...] = ()  # the parents, nearest first
+    parent_timestamp_matches: bool | None
+    chain: tuple[ChainLevel, ...]  # the parents, nearest first
+
+    def __init__(self, path: str, disk_type: str, virtual_size: int, geometry: Geometry, creator_app: str,
+                 creator_version: str, creator_os: str, unique_id: str, timestamp: str, block_size: int | None,
+                 allocated_blocks: int, total_blocks: int, file_size: int, footer_checksum_ok: bool,
+                 header_checksum_ok: bool | None, parent: ParentInfo | None, parent_chain: tuple[str, ...],
+                 parent_timestamp_matches: bool | None = None, chain: tuple[ChainLevel, ...] = ()) -> None:
+        self._init(path=path, disk_type=disk_type, virtual_size=virtual_size, geometry=geometry,
+                   creator_app=creator_app, creator_version=creator_version, creator_os=creator_os,
+                   unique_id=unique_id, timestamp=timestamp, block_size=block_size,
+                   allocated_blocks=allocated_blocks, total_blocks=total_blocks, file_size=file_size,
+                   footer_checksum_ok=footer_checksum_ok, header_checksum_ok=header_checksum_ok, parent=parent,
+                   parent_chain=parent_chain, parent_timestamp_matches=parent_timestamp_matches, chain=chain)
 
     def as_dict(self) -> dict[str, object]:
         g = self.geometry
