@@ -3,52 +3,22 @@
 `as_dict()` gives the JSON form `vhdblkctl info --json` prints; its keys and
 their order are part of the command's interface.
 
-The three are plain slotted classes with the equality, hash and repr a
-frozen dataclass would give: making three dataclasses at import was a
-sixteenth of `vhdblkctl info`, which builds one of each at most.
+The three are Frozen records (record.py), not dataclasses: making three
+dataclasses at import was a sixteenth of `vhdblkctl info`, which builds one
+of each at most.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from vhdblkd.vhd.record import Frozen
+
 if TYPE_CHECKING:
     from vhdblkd.vhd.geometry import Geometry
 
 
-class _Frozen:
-    """Equality, hash and repr over the fields in __slots__; no field is assigned after __init__."""
-
-    __slots__: tuple[str, ...] = ()
-
-    def _init(self, **values: object) -> None:
-        for name in self.__slots__:
-            object.__setattr__(self, name, values[name])
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        assert isinstance(other, _Frozen)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__qualname__}({fields})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-
-class ParentInfo(_Frozen):
+class ParentInfo(Frozen):
     """The immediate parent of a differencing image, as opened."""
 
     __slots__ = ("path", "unique_id")
@@ -62,7 +32,7 @@ class ParentInfo(_Frozen):
         return {"path": self.path, "unique_id": self.unique_id}
 
 
-class ChainLevel(_Frozen):
+class ChainLevel(Frozen):
     """One parent in a differencing chain, and how it compares with what its child records.
 
     id_matches is always true for a chain that opened (a wrong id is refused);
@@ -98,7 +68,7 @@ class ChainLevel(_Frozen):
         }
 
 
-class ImageInfo(_Frozen):
+class ImageInfo(Frozen):
     """What an open image is: its type, size, identity, allocation, checksums and parents."""
 
     __slots__ = ("path", "disk_type", "virtual_size", "geometry", "creator_app", "creator_version", "creator_os",

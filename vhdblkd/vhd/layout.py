@@ -8,7 +8,6 @@ or allocation: block size, table size, offsets past end of file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from vhdblkd.errors import CorruptImage, UnsupportedImage, VhdError
@@ -17,6 +16,7 @@ from vhdblkd.vhd import header_shadow
 from vhdblkd.vhd.blockmap import UNUSED, BlockMap, round_up_sector
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.geometry import virtual_size
+from vhdblkd.vhd.record import Frozen, Record
 from vhdblkd.vhd.structs import DynamicHeader, Footer
 
 REPAIR_HINT = "run vhdblkctl check --repair"
@@ -25,42 +25,66 @@ DAMAGED_HINT = "the image is damaged beyond automatic repair; restore it from a 
 MAX_LOCATOR_LENGTH = 64 * 1024
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Problem:
+class Problem(Frozen):
     """One thing wrong with an image (a check finding)."""
 
+    __slots__ = ("code", "message", "offset")
     code: str
     message: str
-    offset: int | None = None
+    offset: int | None
+
+    def __init__(self, code: str, message: str, offset: int | None = None) -> None:
+        self._init(code=code, message=message, offset=offset)
 
 
-@dataclasses.dataclass(slots=True)
-class Layout:
+class Layout(Record):
     """Where everything of an image file is, as scan() found it, and what is wrong with it."""
 
+    __slots__ = ("path", "file_size", "footer", "footer_offset", "trailing_footer_ok", "footer_checksum_ok",
+                 "short_footer", "backup_footer", "header", "header_checksum_ok", "virtual_size", "blocks",
+                 "total_blocks", "metadata", "metadata_end", "data_end", "leaks", "bad_locators", "problems",
+                 "fatal", "header_shadow")
     path: str
     file_size: int
-    footer: Footer | None = None
-    footer_offset: int = 0  # where the trailing footer is (or belongs)
-    trailing_footer_ok: bool = False
-    footer_checksum_ok: bool = False
-    short_footer: bool = False
-    backup_footer: Footer | None = None
-    header: DynamicHeader | None = None
-    header_checksum_ok: bool = False
-    virtual_size: int = 0
-    blocks: BlockMap | None = None  # the whole BAT, all max_table_entries of it
-    total_blocks: int = 0  # the entries the virtual size needs
-    metadata: list[tuple[int, int, str]] = dataclasses.field(default_factory=list)
-    metadata_end: int = 0
-    data_end: int = 0  # end of the last referenced block (or of metadata)
-    leaks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    footer: Footer | None
+    footer_offset: int  # where the trailing footer is (or belongs)
+    trailing_footer_ok: bool
+    footer_checksum_ok: bool
+    short_footer: bool
+    backup_footer: Footer | None
+    header: DynamicHeader | None
+    header_checksum_ok: bool
+    virtual_size: int
+    blocks: BlockMap | None  # the whole BAT, all max_table_entries of it
+    total_blocks: int  # the entries the virtual size needs
+    metadata: list[tuple[int, int, str]]
+    metadata_end: int
+    data_end: int  # end of the last referenced block (or of metadata)
+    leaks: list[tuple[int, int]]
     # Parent locators whose data lies outside the file: unreadable, and not reserved as metadata.
-    bad_locators: list[int] = dataclasses.field(default_factory=list)
-    problems: list[Problem] = dataclasses.field(default_factory=list)
-    fatal: VhdError | None = None
+    bad_locators: list[int]
+    problems: list[Problem]
+    fatal: VhdError | None
     # Where the header's shadow is when the header itself was torn (header_shadow.py); None if it is whole.
-    header_shadow: int | None = None
+    header_shadow: int | None
+
+    def __init__(self, path: str, file_size: int, footer: Footer | None = None, footer_offset: int = 0,
+                 trailing_footer_ok: bool = False, footer_checksum_ok: bool = False, short_footer: bool = False,
+                 backup_footer: Footer | None = None, header: DynamicHeader | None = None,
+                 header_checksum_ok: bool = False, virtual_size: int = 0, blocks: BlockMap | None = None,
+                 total_blocks: int = 0, metadata: list[tuple[int, int, str]] | None = None, metadata_end: int = 0,
+                 data_end: int = 0, leaks: list[tuple[int, int]] | None = None, bad_locators: list[int] | None = None,
+                 problems: list[Problem] | None = None, fatal: VhdError | None = None,
+                 header_shadow: int | None = None) -> None:
+        # A list left out starts empty and unshared, as a dataclass's default_factory=list gives.
+        self._init(path=path, file_size=file_size, footer=footer, footer_offset=footer_offset,
+                   trailing_footer_ok=trailing_footer_ok, footer_checksum_ok=footer_checksum_ok,
+                   short_footer=short_footer, backup_footer=backup_footer, header=header,
+                   header_checksum_ok=header_checksum_ok, virtual_size=virtual_size, blocks=blocks,
+                   total_blocks=total_blocks, metadata=[] if metadata is None else metadata,
+                   metadata_end=metadata_end, data_end=data_end, leaks=[] if leaks is None else leaks,
+                   bad_locators=[] if bad_locators is None else bad_locators,
+                   problems=[] if problems is None else problems, fatal=fatal, header_shadow=header_shadow)
 
     def add(self, code: str, message: str, offset: int | None = None) -> None:
         self.problems.append(Problem(code, message, offset))
