@@ -9,7 +9,6 @@ with the child's content, recover on a read-write open, and check clean.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 from tests.reliability.crashsim import SECTOR, crash_states
@@ -43,7 +42,7 @@ def with_bad_locator() -> tuple[dict[str, MemoryDisk], bytes, int]:
     header = DynamicHeader.unpack(raw, at)
     bad = next(i for i, loc in enumerate(header.parent_locators) if loc.platform_code == c.PLATFORM_W2KU)
     locs = list(header.parent_locators)
-    locs[bad] = dataclasses.replace(locs[bad], platform_data_offset=len(raw) + 64 * SECTOR)
+    locs[bad] = locs[bad].replace(platform_data_offset=len(raw) + 64 * SECTOR)
     raw[at : at + DynamicHeader.SIZE] = header.replace(parent_locators=tuple(locs)).pack()
     disks[CHILD] = MemoryDisk(bytes(raw))
     return disks, bytes(model), bad

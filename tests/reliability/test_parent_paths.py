@@ -8,7 +8,6 @@ refused with a ParentError naming allow_unsafe_parent, and accepted with it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -60,10 +59,10 @@ def rewrite_locators(child: Path, texts: dict[bytes, str | None], name: str | No
                                           loc.platform_data_offset))
             else:
                 locators.append(loc)
-        new = dataclasses.replace(header, parent_locators=tuple(locators))
+        new = header.replace(parent_locators=tuple(locators))
         if name is not None:
             encoded = name.encode("utf-16-be")
-            new = dataclasses.replace(new, parent_unicode_name=encoded + bytes(c.PARENT_NAME_SIZE - len(encoded)))
+            new = new.replace(parent_unicode_name=encoded + bytes(c.PARENT_NAME_SIZE - len(encoded)))
         f.pwrite(lay.footer.data_offset if lay.footer else c.FOOTER_SIZE, new.pack())
         f.fdatasync()
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import struct
 from pathlib import Path
@@ -303,7 +302,7 @@ def test_locators_pointing_past_the_file_are_skipped_for_the_next_candidate(tmp_
     raw = child.read_bytes()
     header = DynamicHeader.unpack(raw, HEADER_AT)
     far = 2**64 - 4096  # os.pread cannot even be asked for this offset
-    locators = tuple(dataclasses.replace(loc, platform_data_offset=far) if loc.used else loc
+    locators = tuple(loc.replace(platform_data_offset=far) if loc.used else loc
                      for loc in header.parent_locators)
     assert any(loc.used for loc in locators)
     patch_header(child, parent_locators=locators)

@@ -9,6 +9,10 @@ in order, as a dataclass's do.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_F = TypeVar("_F", bound="Frozen")
+
 
 class Record:
     """Equality and repr over the fields in __slots__; unhashable, as a mutable dataclass."""
@@ -38,6 +42,13 @@ class Frozen(Record):
     """A Record whose fields are not assigned after __init__; hashable over them."""
 
     __slots__ = ()
+
+    def replace(self: _F, **changes: object) -> _F:
+        """A copy with some fields changed, as dataclasses.replace makes (TypeError for an unknown one)."""
+        names: tuple[str, ...] = self.__slots__
+        values: dict[str, object] = {name: getattr(self, name) for name in names}
+        values.update(changes)
+        return type(self)(**values)
 
     def __hash__(self) -> int:  # type: ignore[override]  # a frozen record is hashable again
         return hash(self._values())

@@ -184,7 +184,7 @@ def _move_locators(m: Maintenance, header: DynamicHeader, moving: list[tuple[int
     locs = list(header.parent_locators)
     for off, ln, i in moving:
         f.pwrite(at, f.pread(off, ln).ljust(ln, b"\0"))
-        locs[i] = dataclasses.replace(locs[i], platform_data_offset=at)
+        locs[i] = locs[i].replace(platform_data_offset=at)
         at += ln
     f.fdatasync()  # the copies are durable before the header points at them
     header = header.replace(parent_locators=tuple(locs))

@@ -1,18 +1,19 @@
 """On-disk layouts of the VHD format: footer, dynamic header, parent locator.
 
-Each is a frozen dataclass with a class-level big-endian `struct.Struct`.
+Each is a Frozen record (record.py; a frozen dataclass made at import cost
+`vhdblkctl info` a tenth) with a class-level big-endian `struct.Struct`.
 `unpack` checks the cookie and the checksum and raises CorruptImage naming
 the field, offset, expected and found values; `pack` computes the checksum.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import ClassVar
 
 from vhdblkd.errors import CorruptImage
 from vhdblkd.vhd import constants as c
+from vhdblkd.vhd.record import Frozen
 
 _CHECKSUM_FIELD = struct.Struct(">I")
 
@@ -45,10 +46,12 @@ def _need(buf: bytes | bytearray | memoryview, offset: int, size: int, what: str
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Footer:
+class Footer(Frozen):
     """The 512-byte hard disk footer (also copied at offset 0 of dynamic disks)."""
 
+    __slots__ = ("features", "file_format_version", "data_offset", "timestamp", "creator_application",
+                 "creator_version", "creator_host_os", "original_size", "current_size", "cylinders", "heads",
+                 "sectors_per_track", "disk_type", "unique_id", "saved_state", "checksum", "cookie")
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427x")
     SIZE: ClassVar[int] = c.FOOTER_SIZE
     CHECKSUM_OFFSET: ClassVar[int] = 64
@@ -67,9 +70,20 @@ class Footer:
     sectors_per_track: int
     disk_type: int
     unique_id: bytes
-    saved_state: int = 0
-    checksum: int = 0  # as found by unpack; pack() always recomputes
-    cookie: bytes = c.FOOTER_COOKIE
+    saved_state: int
+    checksum: int  # as found by unpack; pack() always recomputes
+    cookie: bytes
+
+    def __init__(self, features: int, file_format_version: int, data_offset: int, timestamp: int,
+                 creator_application: bytes, creator_version: int, creator_host_os: bytes, original_size: int,
+                 current_size: int, cylinders: int, heads: int, sectors_per_track: int, disk_type: int,
+                 unique_id: bytes, saved_state: int = 0, checksum: int = 0,
+                 cookie: bytes = c.FOOTER_COOKIE) -> None:
+        self._init(features=features, file_format_version=file_format_version, data_offset=data_offset,
+                   timestamp=timestamp, creator_application=creator_application, creator_version=creator_version,
+                   creator_host_os=creator_host_os, original_size=original_size, current_size=current_size,
+                   cylinders=cylinders, heads=heads, sectors_per_track=sectors_per_track, disk_type=disk_type,
+                   unique_id=unique_id, saved_state=saved_state, checksum=checksum, cookie=cookie)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0, *, verify: bool = True) -> Footer:
@@ -99,22 +113,25 @@ class Footer:
             self.sectors_per_track, self.disk_type, 0, self.unique_id, self.saved_state))
         return _with_checksum(raw, self.CHECKSUM_OFFSET)
 
-    def replace(self, **changes: object) -> Footer:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types checked by the dataclass user
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ParentLocator:
+class ParentLocator(Frozen):
     """One of the eight 24-byte parent locator entries of a dynamic header."""
 
+    __slots__ = ("platform_code", "platform_data_space", "platform_data_length", "platform_data_offset", "reserved")
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">4sIIIQ")
     SIZE: ClassVar[int] = 24
 
-    platform_code: bytes = c.PLATFORM_NONE
-    platform_data_space: int = 0
-    platform_data_length: int = 0
-    platform_data_offset: int = 0
-    reserved: int = 0
+    platform_code: bytes
+    platform_data_space: int
+    platform_data_length: int
+    platform_data_offset: int
+    reserved: int
+
+    def __init__(self, platform_code: bytes = c.PLATFORM_NONE, platform_data_space: int = 0,
+                 platform_data_length: int = 0, platform_data_offset: int = 0, reserved: int = 0) -> None:
+        self._init(platform_code=platform_code, platform_data_space=platform_data_space,
+                   platform_data_length=platform_data_length, platform_data_offset=platform_data_offset,
+                   reserved=reserved)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> ParentLocator:
@@ -143,10 +160,12 @@ class ParentLocator:
 _EMPTY_LOCATORS = tuple(ParentLocator() for _ in range(c.PARENT_LOCATOR_COUNT))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class DynamicHeader:
+class DynamicHeader(Frozen):
     """The 1024-byte dynamic disk header (cookie cxsparse)."""
 
+    __slots__ = ("table_offset", "max_table_entries", "block_size", "parent_unique_id", "parent_timestamp",
+                 "parent_unicode_name", "parent_locators", "data_offset", "header_version", "reserved1", "checksum",
+                 "cookie")
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">8sQQIIII16sII512s192s256x")
     SIZE: ClassVar[int] = c.HEADER_SIZE
     CHECKSUM_OFFSET: ClassVar[int] = 36
@@ -154,15 +173,27 @@ class DynamicHeader:
     table_offset: int
     max_table_entries: int
     block_size: int
-    parent_unique_id: bytes = bytes(16)
-    parent_timestamp: int = 0
-    parent_unicode_name: bytes = bytes(c.PARENT_NAME_SIZE)  # raw UTF-16BE, NUL padded
-    parent_locators: tuple[ParentLocator, ...] = _EMPTY_LOCATORS
-    data_offset: int = c.HEADER_DATA_OFFSET
-    header_version: int = c.HEADER_VERSION
-    reserved1: int = 0
-    checksum: int = 0  # as found by unpack; pack() always recomputes
-    cookie: bytes = c.HEADER_COOKIE
+    parent_unique_id: bytes
+    parent_timestamp: int
+    parent_unicode_name: bytes  # raw UTF-16BE, NUL padded
+    parent_locators: tuple[ParentLocator, ...]
+    data_offset: int
+    header_version: int
+    reserved1: int
+    checksum: int  # as found by unpack; pack() always recomputes
+    cookie: bytes
+
+    def __init__(self, table_offset: int, max_table_entries: int, block_size: int,
+                 parent_unique_id: bytes = bytes(16), parent_timestamp: int = 0,
+                 parent_unicode_name: bytes = bytes(c.PARENT_NAME_SIZE),
+                 parent_locators: tuple[ParentLocator, ...] = _EMPTY_LOCATORS, data_offset: int = c.HEADER_DATA_OFFSET,
+                 header_version: int = c.HEADER_VERSION, reserved1: int = 0, checksum: int = 0,
+                 cookie: bytes = c.HEADER_COOKIE) -> None:
+        self._init(table_offset=table_offset, max_table_entries=max_table_entries, block_size=block_size,
+                   parent_unique_id=parent_unique_id, parent_timestamp=parent_timestamp,
+                   parent_unicode_name=parent_unicode_name, parent_locators=parent_locators,
+                   data_offset=data_offset, header_version=header_version, reserved1=reserved1, checksum=checksum,
+                   cookie=cookie)
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0, *, verify: bool = True) -> DynamicHeader:
@@ -207,5 +238,3 @@ class DynamicHeader:
                 break
         return raw[:end].decode("utf-16-be", errors="replace")
 
-    def replace(self, **changes: object) -> DynamicHeader:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field types checked by the dataclass user
