@@ -89,6 +89,14 @@ def test_info_imports_only_what_opening_needs(baseline: set[str], image: Path) -
                                                                     "dataclasses", "inspect"})
 
 
+def test_info_of_a_differencing_image_imports_no_dataclasses(baseline: set[str], image: Path) -> None:
+    child = image.with_name("child.vhd")
+    vhd_create.create_differencing(str(child), str(image))
+    found = _modules("info", child)
+    assert "vhdblkd.vhd.parent" in found  # it did search the parent
+    assert not _loaded(found, baseline, {"dataclasses", "inspect", "uuid", "datetime"})
+
+
 def test_list_without_daemon_imports_no_engine_nor_logging(baseline: set[str]) -> None:
     found = _modules("list")
     assert "vhdblkd.cli.client" in found  # it did try the socket
