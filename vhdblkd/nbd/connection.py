@@ -46,7 +46,6 @@ from .constants import (
     NBD_MAX_PAYLOAD,
     NBD_REQUEST_SIZE,
     NBD_SIMPLE_REPLY_MAGIC,
-    NBD_SIMPLE_REPLY_SIZE,
 )
 from .export import Export, Stats
 from .negotiate import Catalog, negotiate
@@ -323,13 +322,18 @@ class _Connection(StructuredReplies):
         request = self._request
         pack_reply = SIMPLE_REPLY.pack
         stats = self.stats
-        simple_read = NBD_CMD_READ if not self.structured else -1  # structured READs go the chunked way
+        # READs shorter than this run inline: every READ without structured replies, and with them
+        # every one too short to split into data and hole chunks (one OFFSET_DATA chunk each).
+        structured = self.structured
+        sparse = structured and self.allocation is not None
+        inline_below = sr.SPARSE_READ_MIN if sparse else 1 << 64
+        pack_data = sr.DATA_CHUNK.pack
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
             if n != NBD_REQUEST_SIZE and not self._rest_of_header(hview, n):
                 return  # EOF between requests (a clean hang-up), or paused
             _, flags, type_, cookie, offset, length = parse(header)
-            if type_ == simple_read:
+            if type_ == NBD_CMD_READ and length < inline_below and (length or not structured):
                 if flags & disallowed or offset + length > end or length > longest:
                     error = layer.check(Command.READ, offset, length, flags) or errno.EINVAL
                     self._reject("READ", flags, offset, length, cookie, nbd_error(error), True)
@@ -339,14 +343,17 @@ class _Connection(StructuredReplies):
                     if len(data) != length:
                         raise layer.short_read(data, offset, length)
                 except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-                    self._reply(cookie, nbd_error(errno_for(exc, f"READ {length}@{offset}")))
+                    self._read_failed(cookie, offset, length, nbd_error(errno_for(exc, f"READ {length}@{offset}")))
                     continue
                 # The header goes out only now that the data is in hand, with it in one syscall;
                 # data may be a view into the image's mmap (no copy).
-                reply = pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                if structured:
+                    reply = pack_data(sr.DATA_MAGIC_DONE, cookie, length + 8, offset)
+                else:
+                    reply = pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
                 with send_lock:
                     sent = sendmsg([reply, data])
-                    if sent != length + NBD_SIMPLE_REPLY_SIZE:
+                    if sent != length + len(reply):
                         self._send_rest(reply, data, sent)
                 stats.reads += 1
                 stats.bytes_read += length
@@ -369,6 +376,12 @@ class _Connection(StructuredReplies):
                 send(pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
             elif not request(type_, flags, cookie, offset, length):
                 return  # DISC
+
+    def _read_failed(self, cookie: int, offset: int, length: int, error: int) -> None:
+        if self.structured:  # proto.md: with structured replies a READ is never answered with a simple reply
+            self._send(sr.error_chunk(cookie, error, f"READ {length}@{offset} failed"), None, error)
+        else:
+            self._reply(cookie, error)
 
     def _recv_or_pause(self, view: memoryview, nbytes: int, flags: int) -> int:
         """recv_into for a header of a connection that may pause: 0, as at EOF, once paused."""
