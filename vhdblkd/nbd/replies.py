@@ -51,30 +51,13 @@ class StructuredReplies:
                 self.sock.sendall(memoryview(buf)[sent:])
                 sent = 0
 
-    def _single_chunk_read(self, req: Request, cookie: int) -> None:
-        """The hot path of short reads: one OFFSET_DATA chunk, as cheap as a simple reply."""
-        length = req.length
-        if length == 0:
-            self._send(sr.none_chunk(cookie))
-            return
-        try:
-            data = self.layer.execute(req)
-        except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-            error = nbd_error(errno_for(exc, describe(req)))
-            self._send(sr.error_chunk(cookie, error, f"READ {length}@{req.offset} failed"), None, error)
-            return
-        assert data is not None
-        self._send(sr.DATA_CHUNK.pack(sr.DATA_MAGIC_DONE, cookie, length + 8, req.offset), data)
-        stats = self.stats
-        stats.reads += 1
-        stats.bytes_read += length
-
     def _structured_read(self, req: Request, cookie: int) -> None:
         """A READ as data and hole chunks; all data is read before anything is sent, so an
         error is one error chunk and the DONE flag marks a chunk that cannot fail any more."""
         offset, length = req.offset, req.length
-        if length < sr.SPARSE_READ_MIN or self.allocation is None:
-            self._single_chunk_read(req, cookie)
+        # Short READs never come here: the connection loop answers them inline with one data chunk.
+        if length == 0:
+            self._send(sr.none_chunk(cookie))
             return
         plan = [(offset, length, False)]
         try:
