@@ -116,6 +116,36 @@ def test_a_module_that_does_not_load_fails_the_run(debian_guest: Callable[..., G
         debian_guest("true", modules=("no_such_driver",), timeout=300)
 
 
+def test_a_boot_that_crashes_before_the_script_is_retried_and_a_later_failure_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from . import qemu
+
+    outcomes: list[BaseException | str] = [qemu._BootCrash("Oops: int3"), qemu._BootCrash("Oops: int3"), "ran"]
+    calls: list[int] = []
+
+    def once(*args: object) -> object:
+        calls.append(1)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(qemu, "_run_once", once)
+    assert qemu.run_in_guest("true") == "ran" and len(calls) == 3
+
+    outcomes[:] = [qemu._BootCrash("Kernel panic")] * qemu.BOOT_ATTEMPTS
+    with pytest.raises(GuestError, match=f"crashed before the script in {qemu.BOOT_ATTEMPTS} boots") as caught:
+        qemu.run_in_guest("true")
+    assert not isinstance(caught.value, qemu._BootCrash)
+
+    calls.clear()
+    outcomes[:] = [GuestError("ended without running the script to its end"), "ran"]
+    with pytest.raises(GuestError, match="without running the script"):
+        qemu.run_in_guest("true")
+    assert len(calls) == 1
+
+
 def test_same_interface_runs_uml(tmp_path: Path) -> None:
     why = guest.unavailable("uml")
     if why is not None:
