@@ -62,8 +62,10 @@ class Config:
 
 
 SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel", "ublk")
-# vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs.
-SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit")
+# vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs;
+# nbdkit-simple (nbdkit --no-sr) is the control: what they cost a server that is not ours,
+# which is the client's (libnbd's) share of that cost, paid on the same two CPUs.
+SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple")
 
 
 def parse_args(argv: Sequence[str]) -> Config:
@@ -160,8 +162,9 @@ def server_argv(cfg: Config, kind: str, image: Path, sock: Path, read_only: bool
         # after a client disconnects.
         return ["qemu-nbd", "-f", "vpc", "--cache=writeback", "-t", *(["-r"] if read_only else []),
                 "-k", str(sock), str(image)]
-    if kind == "nbdkit":
-        return ["nbdkit", "-f", *(["-r"] if read_only else []), "-U", str(sock), "file", f"file={image}"]
+    if kind in ("nbdkit", "nbdkit-simple"):
+        simple = ["--no-sr"] if kind == "nbdkit-simple" else []
+        return ["nbdkit", "-f", *simple, *(["-r"] if read_only else []), "-U", str(sock), "file", f"file={image}"]
     raise ValueError(kind)
 
 
@@ -373,6 +376,13 @@ def ratio(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> f
     return a / b
 
 
+def turns(servers: Sequence[str], n: int) -> list[str]:
+    """The servers in run n's order: each run starts one further along, so no server
+    always goes first after the sync (the first after it met a different page cache)."""
+    k = n % len(servers) if servers else 0
+    return [*servers[k:], *servers[:k]]
+
+
 def ratio_spread(rows: dict[str, Row], num: tuple[str, str], den: tuple[str, str]) -> tuple[float, float] | None:
     """(min, max) of the per-run ratios, or None for fewer than two runs.
 
@@ -413,8 +423,8 @@ def section_fixed(cfg: Config, rows: dict[str, Row], results: dict[str, object])
     for job in FIXED_JOBS:
         rows[f"fixed/{job.key}"] = Row(f"fixed/{job.key}", f"fixed {job.label}")
     for n in range(cfg.runs):
-        for kind in servers:
-            image = raw if kind == "nbdkit" else vhd
+        for kind in turns(servers, n):
+            image = raw if kind.startswith("nbdkit") else vhd
             os.sync()
             with serving(cfg, kind, image) as (sock, pid):
                 for job in FIXED_JOBS:
@@ -442,7 +452,7 @@ def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
                                        note=f"{cfg.alloc_size // MiB} MiB image, recreated per run")
     for n in range(cfg.runs):
         for job in ALLOC_JOBS:
-            for kind in servers:
+            for kind in turns(servers, n):
                 qemu_img_create(img, "dynamic", cfg.alloc_size)
                 # start every run with no dirty pages left by the one before, whose
                 # gigabytes would otherwise be written back during this one
@@ -473,7 +483,7 @@ def section_read(cfg: Config, rows: dict[str, Row]) -> None:
             note="qemu-nbd opens a differencing VHD as dynamic (parent reads as zeros)")
     for n in range(cfg.runs):
         for name, image in images.items():
-            for kind in servers:
+            for kind in turns(servers, n):
                 with serving(cfg, kind, image, read_only=True) as (sock, _):
                     for job in READ_JOBS:
                         iops = fio(cfg, job, nbd_target(sock))
@@ -541,7 +551,25 @@ TARGETS = (
     *(Target(f"vhdblkctl {cmd}: <= 2x python -c pass", (f"cli/{key}", "vhdblkctl"), ("cli/pass", "python"), 2.0,
              at_most=True) for cmd, key in (("info", "info"), ("--help", "help"), ("list", "list"))),
 )
-COLUMNS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "psync")
+COLUMNS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple", "psync")
+
+
+def structured_cost_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    """Structured over simple replies, for us and for nbdkit in the same run: where both
+    lose alike, the loss is the client's."""
+    body = []
+    for row in rows.values():
+        ours = ratio(rows, (row.key, "vhdblkd"), (row.key, "vhdblkd-simple"))
+        if row.unit != "IOPS" or ours is None:
+            continue
+        theirs = ratio(rows, (row.key, "nbdkit"), (row.key, "nbdkit-simple"))
+        body.append([row.label, fmt_ratio(ours, ratio_spread(rows, (row.key, "vhdblkd"), (row.key, "vhdblkd-simple"))),
+                     fmt_ratio(theirs, ratio_spread(rows, (row.key, "nbdkit"), (row.key, "nbdkit-simple")))])
+    if not body:
+        return []
+    return ["", "Structured replies over simple ones, IOPS ratio (min-max of the per-run ratios); nbdkit's "
+                "column is the control (`nbdkit --no-sr`), the cost that falls on the client:", "",
+            *grid(["workload", "vhdblkd", "nbdkit"], body, md)]
 
 
 def short(v: float) -> str:
@@ -657,7 +685,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
             "chain row does less work than ours.",
             "Single runs of one cell can differ by a factor of two on a small shared machine "
             "(QD1 rows most); results.json keeps every run."]
-    out += sparse_lines(rows, md) + cli_lines(rows, md)
+    out += structured_cost_lines(rows, md) + sparse_lines(rows, md) + cli_lines(rows, md)
     out += ["", "Targets (ratio of the medians; in brackets the range of the per-run ratios; "
                 "* the range spans the target, so the gap is within the noise):"]
     body = []

@@ -8,7 +8,10 @@ streams (seeded offsets, so every run sends the same bytes), and reports the
 user-space instructions the server executed per request in each phase
 (counters zeroed after a warm-up, dumped at the end of the phase).
 
-    .venv/bin/python bench/reqcount.py --vhdblkd A [--vhdblkd B ...] [--requests N]
+    .venv/bin/python bench/reqcount.py --vhdblkd A [--vhdblkd B ...] [--requests N] [--structured]
+
+--structured negotiates structured replies with OPT_GO, as fio's libnbd does
+(READs then come back as chunks); without it the old EXPORT_NAME handshake.
 
 Each --vhdblkd is an executable (e.g. a wrapper running another checkout).  A
 wrapper that sets PYTHONPATH must run ``python -P``: without it the current
@@ -59,7 +62,28 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def connect(path: Path) -> tuple[socket.socket, int]:
+OPTS_MAGIC = 0x49484156454F5054
+OPT_GO, OPT_STRUCTURED_REPLY = 7, 8
+REP_ACK, REP_INFO = 1, 3
+SIMPLE_MAGIC, CHUNK_MAGIC = 0x67446698, 0x668E33EF
+CHUNK_DONE = 1
+
+
+def option(sock: socket.socket, opt: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+    """Send one option; return its replies (type, data) up to the final one."""
+    sock.sendall(struct.pack(">QII", OPTS_MAGIC, opt, len(data)) + data)
+    replies = []
+    while True:
+        _magic, _opt, rep, length = struct.unpack(">QIII", recv_exact(sock, 20))
+        body = recv_exact(sock, length) if length else b""
+        if rep & 0x80000000:
+            raise RuntimeError(f"option {opt} refused: reply {rep:#x} {body!r}")
+        replies.append((rep, body))
+        if rep == REP_ACK or opt == OPT_STRUCTURED_REPLY:
+            return replies
+
+
+def connect(path: Path, structured: bool = False) -> tuple[socket.socket, int]:
     deadline = time.monotonic() + 1200  # python under valgrind starts slowly (minutes on a loaded machine)
     while True:
         try:
@@ -74,9 +98,36 @@ def connect(path: Path) -> tuple[socket.socket, int]:
     hello = recv_exact(sock, 18)
     assert hello[:8] == b"NBDMAGIC", hello
     sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    sock.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # EXPORT_NAME ""
-    size, _flags = struct.unpack(">QH", recv_exact(sock, 10))
-    return sock, size
+    if not structured:
+        sock.sendall(struct.pack(">QII", OPTS_MAGIC, 1, 0))  # EXPORT_NAME ""
+        size, _flags = struct.unpack(">QH", recv_exact(sock, 10))
+        return sock, size
+    option(sock, OPT_STRUCTURED_REPLY)
+    for rep, body in option(sock, OPT_GO, struct.pack(">IH", 0, 0)):  # name "", no info requests
+        if rep == REP_INFO and struct.unpack_from(">H", body)[0] == 0:  # NBD_INFO_EXPORT
+            return sock, struct.unpack_from(">Q", body, 2)[0]
+    raise RuntimeError("OPT_GO gave no NBD_INFO_EXPORT")
+
+
+def reply(sock: socket.socket, command: int, length: int) -> None:
+    """Receive one reply, simple or structured (chunks up to the one flagged DONE)."""
+    while True:
+        head = recv_exact(sock, 16)
+        magic, error = struct.unpack_from(">II", head)
+        if magic == SIMPLE_MAGIC:
+            if error:
+                raise RuntimeError(f"request failed with NBD error {error}; see the server's log")
+            if command == READ:
+                recv_exact(sock, length)
+            return
+        if magic != CHUNK_MAGIC:
+            raise RuntimeError(f"bad reply magic {magic:#x}")
+        flags, kind = struct.unpack_from(">HH", head, 4)
+        body = recv_exact(sock, struct.unpack(">I", recv_exact(sock, 4))[0])
+        if kind & 0x8000:
+            raise RuntimeError(f"request failed: error chunk {body!r}")
+        if flags & CHUNK_DONE:
+            return
 
 
 def stream(sock: socket.socket, size: int, command: int, length: int, qd: int, count: int, seed: int) -> None:
@@ -93,12 +144,7 @@ def stream(sock: socket.socket, size: int, command: int, length: int, qd: int, c
                 out.append(payload)
         sock.sendall(b"".join(out))
         for _ in range(qd):
-            reply = recv_exact(sock, 16)
-            error = struct.unpack_from(">I", reply, 4)[0]
-            if error:
-                raise RuntimeError(f"request failed with NBD error {error}; see {sock.getpeername()}'s log")
-            if command == READ:
-                recv_exact(sock, length)
+            reply(sock, command, length)
 
 
 def totals(path: Path) -> int:
@@ -109,7 +155,9 @@ def totals(path: Path) -> int:
     return int(m.group(1))
 
 
-def measure(exe: str, images: dict[str, Path], count: int, work: Path) -> Iterator[tuple[str, float]]:
+def measure(
+    exe: str, images: dict[str, Path], count: int, work: Path, structured: bool
+) -> Iterator[tuple[str, float]]:
     for image_name in images:
         phases = [p for p in PHASES if p[1] == image_name]
         sock_path = work / "bench.sock"
@@ -122,7 +170,7 @@ def measure(exe: str, images: dict[str, Path], count: int, work: Path) -> Iterat
              exe, "export", "--unix", str(sock_path), str(images[image_name])],
             stdout=subprocess.DEVNULL, stderr=open(work / f"server-{image_name}.log", "ab"))  # noqa: SIM115
         try:
-            sock, size = connect(sock_path)
+            sock, size = connect(sock_path, structured)
             for n, (name, _, command, length, qd) in enumerate(phases):
                 phase_count = max(qd, count * 4096 // length // qd * qd)
                 stream(sock, size, command, length, qd, max(qd, phase_count // 10), seed=100 + n)  # warm-up
@@ -154,6 +202,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vhdblkd", action="append", required=True, help="vhdblkd executable (repeat to compare)")
     p.add_argument("--requests", type=int, default=2000, help="4k-equivalent requests per phase (default 2000)")
     p.add_argument("--images", default="fixed,dynamic", help="which phases to run, by image kind (default: %(default)s)")
+    p.add_argument("--structured", action="store_true",
+                   help="negotiate structured replies (with OPT_GO), as libnbd and fio do")
     p.add_argument("--workdir", help="keep images and server logs here instead of a temporary folder")
     p.add_argument("--vhdblkctl", default=str(Path(sys.executable).with_name("vhdblkctl")))
     a = p.parse_args(argv)
@@ -164,7 +214,7 @@ def main(argv: list[str]) -> int:
         work = Path(a.workdir or tmp)
         for exe in a.vhdblkd:
             images = make_images(work, a.vhdblkctl, a.images.split(","))  # fresh: the dynamic image starts empty for each
-            results[exe] = dict(measure(exe, images, a.requests, work))
+            results[exe] = dict(measure(exe, images, a.requests, work, a.structured))
             for image in images.values():
                 image.unlink()
             print(f"measured {exe}", file=sys.stderr)

@@ -36,7 +36,8 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     # every server measured every workload it takes part in, with real I/O
     for key in ("fixed/seqread-1m-qd8", "fixed/randread-4k-qd1", "fixed/randread-4k-qd16",
                 "fixed/randwrite-4k-qd16", "fixed/seqwrite-1m-qd8"):
-        assert set(rows[key]["median"]) == {"vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "psync"}, key
+        assert set(rows[key]["median"]) == {"vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple",
+                                            "psync"}, key
     for key in ("alloc/randwrite-4k-qd16", "alloc/seqwrite-1m-qd8"):
         assert set(rows[key]["median"]) == {"vhdblkd", "qemu-nbd"}, key
     for key in ("dyn/randread-4k-qd1", "diff/randread-4k-qd16", "sparse/nbdcopy"):
@@ -54,6 +55,8 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     assert set(rows["cli/info"]["median"]) == {"vhdblkctl", "qemu-img"}
     assert set(rows["cli/list"]["median"]) == {"vhdblkctl"} and set(rows["cli/pass"]["median"]) == {"python"}
     assert "vhdblkctl info: <= 2x python -c pass" in out
+    # what structured replies cost, ours beside the control's (nbdkit --no-sr)
+    assert "Structured replies over simple ones" in out
     # every target got a measured ratio
     assert all(t["ratio"] is not None for t in results["targets"]), results["targets"]
     mem = results["memory"]
