@@ -104,17 +104,22 @@ def run_handshake(stream: bytes, seed: int) -> None:
     assert whole == split, f"whole feed gave {whole[1:4]}, split feed {split[1:4]}"
 
 
-def run_live(stream: bytes) -> None:
-    backend = SparseMemoryBackend(LIVE_SIZE)
-    export = Export(backend, "disk")
+def _serve_and_send(
+    export: Export, stream: bytes, *, handshake: bool
+) -> tuple[socket.socket, threading.Thread, threading.Thread, list[BaseException]]:
+    """Serve `export` on one end of a socketpair and send `stream` whole, then half-close, from the other.
+
+    Returns the client end (its reading is the caller's), the server and sender threads (started),
+    and the list that collects whatever serve_connection raised.  The server thread closes its end.
+    """
     server_sock, client = socket.socketpair()
     client.settimeout(TIME_LIMIT)
     errors: list[BaseException] = []
 
     def serve() -> None:
         try:
-            serve_connection(server_sock, export, handshake=True)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            serve_connection(server_sock, export, handshake=handshake)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertion
             errors.append(exc)
         finally:
             server_sock.close()
@@ -130,6 +135,12 @@ def run_live(stream: bytes) -> None:
     sender = threading.Thread(target=send, daemon=True)
     server.start()
     sender.start()
+    return client, server, sender, errors
+
+
+def run_live(stream: bytes) -> None:
+    export = Export(SparseMemoryBackend(LIVE_SIZE), "disk")
+    client, server, sender, errors = _serve_and_send(export, stream, handshake=True)
     try:
         while client.recv(65536):
             pass
@@ -188,31 +199,11 @@ class _Warnings(logging.Handler):
 
 def live_verdict(stream: bytes, reads: list[int | None]) -> Verdict:
     """What serve_connection(handshake=False) answers to `stream`, sent whole and then half-closed."""
-    export = Export(InlineBackend(LIVE_SIZE), "disk")
-    server_sock, client = socket.socketpair()
-    client.settimeout(TIME_LIMIT)
     warnings = _Warnings()
     logger = logging.getLogger("vhdblkd.nbd.connection")
     logger.addHandler(warnings)
-    errors: list[BaseException] = []
-
-    def serve() -> None:
-        try:
-            serve_connection(server_sock, export, handshake=False)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            errors.append(exc)
-
-    def send() -> None:
-        try:
-            client.sendall(stream)
-            client.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the server may hang up first; that is allowed
-
-    server = threading.Thread(target=serve, daemon=True)
-    sender = threading.Thread(target=send, daemon=True)
-    server.start()
-    sender.start()
+    export = Export(InlineBackend(LIVE_SIZE), "disk")
+    client, server, sender, errors = _serve_and_send(export, stream, handshake=False)
     cookies: list[int] = []
     try:
         while True:
@@ -229,7 +220,6 @@ def live_verdict(stream: bytes, reads: list[int | None]) -> Verdict:
         sender.join(TIME_LIMIT)
         server.join(TIME_LIMIT)
         logger.removeHandler(warnings)
-        server_sock.close()
         client.close()
     assert not server.is_alive(), "serve_connection did not return after the client hung up"
     assert not errors, f"serve_connection raised {errors!r}"
