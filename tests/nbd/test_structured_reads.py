@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +12,7 @@ from contextlib import contextmanager
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vhdblkd.backend import Buffer
 from vhdblkd.nbd import constants as c
 from vhdblkd.nbd.server import Export, serve_connection
 
@@ -99,6 +102,32 @@ def test_errors_are_structured_for_reads_and_block_status() -> None:
         assert err == 0 and kinds == [c.NBD_REPLY_TYPE_OFFSET_HOLE]  # nothing written: one hole
         err, status = sc.block_status(0, SIZE)
         assert status == {c.META_BASE_ALLOCATION: [(SIZE, 3)], c.META_QEMU_ALLOCATION_DEPTH: [(SIZE, 0)]}
+
+
+class FailingReads(SparseMemoryBackend):
+    """Reads of allocated data fail as a bad sector does."""
+
+    fail = False
+
+    def read(self, offset: int, length: int) -> Buffer:
+        if self.fail:
+            raise OSError(errno.EIO, "bad sector")
+        return super().read(offset, length)
+
+
+def test_a_failed_read_is_one_error_chunk_on_either_path() -> None:
+    """Short READs (answered inline) and long ones (split into data and holes) fail with the same chunk."""
+    backend = FailingReads(SIZE)
+    with connected(Export(backend, "disk"), contexts=CONTEXTS) as sc:
+        assert sc.write(0, b"x" * SIZE) == 0
+        backend.fail = True
+        for length in (4096, 256 * 1024):
+            chunks = sc.chunks(sc.send(c.NBD_CMD_READ, 0, length))
+            assert [(flags, type_) for flags, type_, _ in chunks] == [(c.NBD_REPLY_FLAG_DONE, c.NBD_REPLY_TYPE_ERROR)]
+            text = f"READ {length}@0 failed".encode()
+            assert chunks[0][2] == struct.pack(">IH", c.NBD_EIO, len(text)) + text
+        backend.fail = False
+        assert sc.read(0, 8)[:2] == (0, b"x" * 8)  # the connection stayed up
 
 
 def test_block_status_without_contexts_is_refused() -> None:

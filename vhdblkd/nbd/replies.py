@@ -37,6 +37,10 @@ class StructuredReplies:
     ) -> None:
         raise NotImplementedError
 
+    def _read_failed(self, cookie: int, offset: int, length: int, error: int) -> None:
+        """Answer a READ the backend failed (connection.py builds the error chunk for both READ paths)."""
+        raise NotImplementedError
+
     def _send_all(self, buffers: list[Buffer], error: int = 0) -> None:
         """Several buffers as one message (one syscall when the socket takes them all)."""
         with self.send_lock:
@@ -75,8 +79,7 @@ class StructuredReplies:
                 buffers += (sr.data_chunk_header(cookie, start, n, done=i == last), data)
                 data_bytes += n
         except Exception as exc:  # noqa: BLE001 - mapped to an NBD error and logged
-            error = nbd_error(errno_for(exc, describe(req)))
-            self._send(sr.error_chunk(cookie, error, f"READ {length}@{offset} failed"), None, error)
+            self._read_failed(cookie, offset, length, nbd_error(errno_for(exc, describe(req))))
             return
         self._send_all(buffers)
         self.stats.reads += 1
