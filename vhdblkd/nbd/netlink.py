@@ -153,6 +153,15 @@ def _new(cmd: int) -> Any:
     return msg
 
 
+def _put(msg: Any, *attrs: tuple[str, Any]) -> Any:
+    """Append the attributes whose value is set, in order, and return `msg`.
+
+    One left out (None) keeps the kernel's default (CONNECT) or the device's current value (RECONFIGURE).
+    """
+    msg["attrs"].extend([name, value] for name, value in attrs if value is not None)
+    return msg
+
+
 def _sockets_attr(sock_fds: Sequence[int]) -> list[Any]:
     items = [("NBD_SOCK_ITEM", {"attrs": [("NBD_SOCK_FD", int(fd))]}) for fd in sock_fds]
     return ["NBD_ATTR_SOCKETS", {"attrs": items}]
@@ -181,28 +190,23 @@ def connect_message(
         raise KernelError(f"an nbd device needs a positive size, not {size_bytes} bytes")
     if block_size < 512 or block_size > 4096 or block_size & (block_size - 1):
         raise KernelError(f"block size {block_size} is not a power of two from 512 to 4096")
-    msg = _new(NBD_CMD_CONNECT)
-    attrs = msg["attrs"]
-    if index is not None:
-        attrs.append(["NBD_ATTR_INDEX", index])
-    attrs.append(["NBD_ATTR_SIZE_BYTES", size_bytes])
-    attrs.append(["NBD_ATTR_BLOCK_SIZE_BYTES", block_size])
-    attrs.append(["NBD_ATTR_SERVER_FLAGS", server_flags])
-    attrs.append(["NBD_ATTR_CLIENT_FLAGS", client_flags])
-    if timeout is not None:
-        attrs.append(["NBD_ATTR_TIMEOUT", timeout])
-    if dead_conn_timeout is not None:
-        attrs.append(["NBD_ATTR_DEAD_CONN_TIMEOUT", dead_conn_timeout])
-    if backend_identifier is not None:
-        attrs.append(["NBD_ATTR_BACKEND_IDENTIFIER", backend_identifier])
-    attrs.append(_sockets_attr(sock_fds))
+    msg = _put(
+        _new(NBD_CMD_CONNECT),
+        ("NBD_ATTR_INDEX", index),
+        ("NBD_ATTR_SIZE_BYTES", size_bytes),
+        ("NBD_ATTR_BLOCK_SIZE_BYTES", block_size),
+        ("NBD_ATTR_SERVER_FLAGS", server_flags),
+        ("NBD_ATTR_CLIENT_FLAGS", client_flags),
+        ("NBD_ATTR_TIMEOUT", timeout),
+        ("NBD_ATTR_DEAD_CONN_TIMEOUT", dead_conn_timeout),
+        ("NBD_ATTR_BACKEND_IDENTIFIER", backend_identifier),
+    )
+    msg["attrs"].append(_sockets_attr(sock_fds))
     return msg
 
 
 def disconnect_message(index: int) -> Any:
-    msg = _new(NBD_CMD_DISCONNECT)
-    msg["attrs"].append(["NBD_ATTR_INDEX", index])
-    return msg
+    return _put(_new(NBD_CMD_DISCONNECT), ("NBD_ATTR_INDEX", index))
 
 
 def reconfigure_message(
@@ -214,27 +218,21 @@ def reconfigure_message(
     dead_conn_timeout: int | None = None,
     client_flags: int | None = None,
 ) -> Any:
-    msg = _new(NBD_CMD_RECONFIGURE)
-    attrs = msg["attrs"]
-    attrs.append(["NBD_ATTR_INDEX", index])
-    if timeout is not None:
-        attrs.append(["NBD_ATTR_TIMEOUT", timeout])
-    if dead_conn_timeout is not None:
-        attrs.append(["NBD_ATTR_DEAD_CONN_TIMEOUT", dead_conn_timeout])
-    if client_flags is not None:
-        attrs.append(["NBD_ATTR_CLIENT_FLAGS", client_flags])
-    if backend_identifier is not None:
-        attrs.append(["NBD_ATTR_BACKEND_IDENTIFIER", backend_identifier])
+    msg = _put(
+        _new(NBD_CMD_RECONFIGURE),
+        ("NBD_ATTR_INDEX", index),
+        ("NBD_ATTR_TIMEOUT", timeout),
+        ("NBD_ATTR_DEAD_CONN_TIMEOUT", dead_conn_timeout),
+        ("NBD_ATTR_CLIENT_FLAGS", client_flags),
+        ("NBD_ATTR_BACKEND_IDENTIFIER", backend_identifier),
+    )
     if sock_fds:
-        attrs.append(_sockets_attr(sock_fds))
+        msg["attrs"].append(_sockets_attr(sock_fds))
     return msg
 
 
 def status_message(index: int | None = None) -> Any:
-    msg = _new(NBD_CMD_STATUS)
-    if index is not None:
-        msg["attrs"].append(["NBD_ATTR_INDEX", index])
-    return msg
+    return _put(_new(NBD_CMD_STATUS), ("NBD_ATTR_INDEX", index))
 
 
 # --- reply parsing -------------------------------------------------------------
