@@ -29,8 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import ublkbench  # noqa: E402 - the opt-in ublk section, beside this file
+sys.path.insert(0, str(REPO / "bench"))  # for ublkbench, the opt-in ublk section beside this file
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -717,6 +716,8 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
         for k, v in kern.items():
             out.append(f"{'- ' if md else '  '}{k}: {v}")
+    import ublkbench  # here, not at the top: ublkbench imports this module's Job
+
     out += ublkbench.render_lines(results.get("ublk"), md)
     return "\n".join(out) + "\n"
 
@@ -923,6 +924,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "vhdblkd" in cfg.servers and not os.access(cfg.vhdblkd, os.X_OK):
         print(f"bench: {cfg.vhdblkd} not found; run bash .ci/setup or pass --vhdblkd", file=sys.stderr)
         return 2
+    import ublkbench  # here, not at the top: ublkbench imports this module's Job
+
     rows: dict[str, Row] = {}
     results: dict[str, object] = {"machine": machine()}
     steps: list[tuple[str, Callable[[], None]]] = [

@@ -33,24 +33,23 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from nbdbench import Job  # beside this file; nbdbench imports this module only when it runs the section
+
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class Job:
-    key: str
-    label: str
-    rw: str
-    bs: str
-    qd: int
+class TargetJob(Job):
+    """An nbdbench fio job with the ratio ublk must reach on it."""
+
     target: float  # ublk / nbd at least this
 
 
 JOBS = (
-    Job("randread-4k", "random read 4k QD16", "randread", "4k", 16, 1.2),
-    Job("randwrite-4k", "random write 4k QD16", "randwrite", "4k", 16, 1.2),
-    Job("seqread-1m", "sequential read 1M QD8", "read", "1M", 8, 1.0),
+    TargetJob("randread-4k", "random read 4k QD16", "randread", "4k", 16, 1.2),
+    TargetJob("randwrite-4k", "random write 4k QD16", "randwrite", "4k", 16, 1.2),
+    TargetJob("seqread-1m", "sequential read 1M QD8", "read", "1M", 8, 1.0),
 )
 DEVICES = ("ublk", "nbd")
 
