@@ -59,6 +59,7 @@ Buffer = bytes | bytearray | memoryview
 
 REQUEST_HEADER: Final = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY: Final = struct.Struct(">IIQ")  # magic, error, cookie
+COOKIE: Final = struct.Struct(">Q")  # a reply's cookie, at byte 8 of both reply headers
 assert REQUEST_HEADER.size == NBD_REQUEST_SIZE and SIMPLE_REPLY.size == NBD_SIMPLE_REPLY_SIZE
 
 MAX_INCOMPLETE_SIZE: Final = NBD_REQUEST_SIZE + NBD_MAX_PAYLOAD

@@ -29,7 +29,7 @@ from ..backend import AllocationMap, Buffer
 from ..errors import RemoteProtocolError
 from ..request import FUA, NO_HOLE, Capabilities, Command, Request, RequestLayer, errno_for
 from . import structured as sr
-from .codec import SIMPLE_REPLY, OversizedWrite, RequestParser, command_name, nbd_error
+from .codec import COOKIE, SIMPLE_REPLY, OversizedWrite, RequestParser, command_name, nbd_error
 from .constants import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -210,7 +210,7 @@ class _Connection(StructuredReplies):
             total += n
         return total
 
-    def _send(self, header: bytes, data: bytes | bytearray | memoryview | None = None, error: int = 0) -> None:
+    def _send(self, header: bytes | bytearray, data: bytes | bytearray | memoryview | None = None, error: int = 0) -> None:
         with self.send_lock:
             if error:
                 self.stats.errors += 1  # under the lock: the flush thread replies too
@@ -222,7 +222,7 @@ class _Connection(StructuredReplies):
             if sent < len(header) + len(data):
                 self._send_rest(header, data, sent)
 
-    def _send_rest(self, header: bytes, data: Buffer, sent: int) -> None:
+    def _send_rest(self, header: bytes | bytearray, data: Buffer, sent: int) -> None:
         """Finish a message a signal or a full buffer split (under the send lock)."""
         if sent < len(header):
             self.sock.sendall(header[sent:])
@@ -320,14 +320,24 @@ class _Connection(StructuredReplies):
         send_lock = self.send_lock
         sendmsg = self.sock.sendmsg
         request = self._request
-        pack_reply = SIMPLE_REPLY.pack
         stats = self.stats
         # READs shorter than this run inline: every READ without structured replies, and with them
         # every one too short to split into data and hole chunks (one OFFSET_DATA chunk each).
         structured = self.structured
         sparse = structured and self.allocation is not None
         inline_below = sr.SPARSE_READ_MIN if sparse else 1 << 64
-        pack_data = sr.DATA_CHUNK.pack
+        # Replies of the inline path are packed into reusable buffers (sendmsg and sendall copy
+        # them before they return): the constant head is written once, and per request only the
+        # cookie (a READ's chunk: cookie, length and offset).  No header object is made per request.
+        read_head = bytearray(sr.DATA_CHUNK.size if structured else SIMPLE_REPLY.size)
+        if structured:
+            sr.DATA_CHUNK.pack_into(read_head, 0, sr.DATA_MAGIC_DONE, 0, 0, 0)
+        else:
+            SIMPLE_REPLY.pack_into(read_head, 0, NBD_SIMPLE_REPLY_MAGIC, 0, 0)
+        read_head_size = len(read_head)
+        write_head = bytearray(SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, 0))
+        pack_tail = sr.DATA_TAIL.pack_into
+        pack_cookie = COOKIE.pack_into
         while True:
             n = recv_into(hview, NBD_REQUEST_SIZE, socket.MSG_WAITALL)  # one syscall per header
             if n != NBD_REQUEST_SIZE and not self._rest_of_header(hview, n):
@@ -348,13 +358,13 @@ class _Connection(StructuredReplies):
                 # The header goes out only now that the data is in hand, with it in one syscall;
                 # data may be a view into the image's mmap (no copy).
                 if structured:
-                    reply = pack_data(sr.DATA_MAGIC_DONE, cookie, length + 8, offset)
+                    pack_tail(read_head, 8, cookie, length + 8, offset)
                 else:
-                    reply = pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                    pack_cookie(read_head, 8, cookie)
                 with send_lock:
-                    sent = sendmsg([reply, data])
-                    if sent != length + len(reply):
-                        self._send_rest(reply, data, sent)
+                    sent = sendmsg([read_head, data])
+                    if sent != length + read_head_size:
+                        self._send_rest(read_head, data, sent)
                 stats.reads += 1
                 stats.bytes_read += length
             elif type_ == NBD_CMD_WRITE and length:
@@ -373,7 +383,8 @@ class _Connection(StructuredReplies):
                 if flags & FUA and fua_flushes:
                     self._queue_flush(cookie)  # every write received before this one has completed inline
                     continue
-                send(pack_reply(NBD_SIMPLE_REPLY_MAGIC, 0, cookie))
+                pack_cookie(write_head, 8, cookie)
+                send(write_head)
             elif not request(type_, flags, cookie, offset, length):
                 return  # DISC
 

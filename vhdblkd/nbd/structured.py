@@ -36,10 +36,13 @@ ERROR: Final = struct.Struct(">IH")  # error, message length
 DESCRIPTOR: Final = struct.Struct(">II")  # extent length, status flags
 CONTEXT_ID: Final = struct.Struct(">I")
 
-# A whole OFFSET_DATA chunk header in one pack: magic, DONE flag and type folded into one
-# u64 (magic << 32 | flags << 16 | type), cookie, payload length, offset.
+# A whole OFFSET_DATA chunk header: magic, DONE flag and type folded into one u64
+# (magic << 32 | flags << 16 | type), cookie, payload length, offset.  The inline READ
+# path writes the constant head once and packs only DATA_TAIL per READ: every big-endian
+# u64 costs struct a generic conversion, the head's one included.
 DATA_CHUNK: Final = struct.Struct(">QQIQ")
 DATA_MAGIC_DONE: Final = (NBD_STRUCTURED_REPLY_MAGIC << 32) | (NBD_REPLY_FLAG_DONE << 16) | NBD_REPLY_TYPE_OFFSET_DATA
+DATA_TAIL: Final = struct.Struct(">QIQ")  # cookie, payload length, offset: DATA_CHUNK from byte 8
 # A READ shorter than this is answered with one data chunk: looking up its
 # allocation would cost more than the zeros it could save on the wire.
 SPARSE_READ_MIN: Final = 64 * 1024
