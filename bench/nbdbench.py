@@ -54,6 +54,7 @@ class Config:
     own_workdir: bool  # made by us, so removed at the end
     outdir: Path
     vhdblkd: str
+    compare: str | None  # another vhdblkd (say, an older tree), measured as server "compare"
     sections: frozenset[str]
     servers: frozenset[str]
     quick: bool
@@ -64,7 +65,7 @@ SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel", "ublk
 # vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs;
 # nbdkit-simple (nbdkit --no-sr) is the control: what they cost a server that is not ours,
 # which is the client's (libnbd's) share of that cost, paid on the same two CPUs.
-SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple")
+SERVERS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple", "compare")
 
 
 def parse_args(argv: Sequence[str]) -> Config:
@@ -82,12 +83,16 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
     p.add_argument("--sections", default=",".join(SECTIONS[:6]),
                    help=f"comma list of {','.join(SECTIONS)} (kernel and ublk are opt-in; default: %(default)s)")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma list (default: %(default)s)")
+    p.add_argument("--servers", default=",".join(SERVERS[:-1]), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
     p.add_argument("--out", type=Path,
                    help="where results.json and RESULTS.md go (default: bench/; with --quick, "
                         f"{QUICK_OUT}, so a smoke run never replaces the committed results)")
     p.add_argument("--vhdblkd", default=str(REPO / ".venv" / "bin" / "vhdblkd"), help="vhdblkd executable")
+    p.add_argument("--compare", metavar="EXE",
+                   help="a second vhdblkd executable (e.g. a wrapper running an older checkout), measured "
+                        "beside the first in the same runs as server 'compare'; the report gets a "
+                        "vhdblkd-vs-compare table")
     a = p.parse_args(argv)
     q = a.quick
 
@@ -95,7 +100,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         return value if value is not None else (quick if q else full)
 
     sections = frozenset(s for s in a.sections.split(",") if s)
-    servers = frozenset(s for s in a.servers.split(",") if s)
+    servers = frozenset(s for s in a.servers.split(",") if s) | ({"compare"} if a.compare else set())
     for bad in (sections - set(SECTIONS)) | (servers - set(SERVERS)):
         p.error(f"unknown section or server: {bad}")
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/var/tmp"))
@@ -111,6 +116,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         own_workdir=a.workdir is None,
         outdir=a.out or (QUICK_OUT if q else REPO / "bench"),
         vhdblkd=a.vhdblkd,
+        compare=a.compare,
         sections=sections,
         servers=servers,
         quick=q,
@@ -151,9 +157,10 @@ def wait_for_nbd(sock: Path, proc: subprocess.Popen[bytes], errlog: Path, timeou
 
 
 def server_argv(cfg: Config, kind: str, image: Path, sock: Path, read_only: bool = False) -> list[str]:
-    if kind in ("vhdblkd", "vhdblkd-simple"):
+    if kind in ("vhdblkd", "vhdblkd-simple", "compare"):
         simple = ["--no-structured-replies"] if kind == "vhdblkd-simple" else []
-        return [cfg.vhdblkd, "export", *simple, *(["--read-only"] if read_only else []), "--unix", str(sock),
+        exe = cfg.compare if kind == "compare" and cfg.compare else cfg.vhdblkd
+        return [exe, "export", *simple, *(["--read-only"] if read_only else []), "--unix", str(sock),
                 str(image)]
     if kind == "qemu-nbd":
         # writeback: the host page cache absorbs writes, as it does for the
@@ -444,7 +451,7 @@ def section_fixed(cfg: Config, rows: dict[str, Row], results: dict[str, object])
 
 
 def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
-    servers = [s for s in ("vhdblkd", "qemu-nbd") if s in cfg.servers]
+    servers = [s for s in ("vhdblkd", "compare", "qemu-nbd") if s in cfg.servers]
     img = cfg.workdir / "alloc.vhd"
     for job in ALLOC_JOBS:
         rows[f"alloc/{job.key}"] = Row(f"alloc/{job.key}", f"fresh dynamic {job.label}",
@@ -465,7 +472,7 @@ def section_alloc(cfg: Config, rows: dict[str, Row]) -> None:
 
 
 def section_read(cfg: Config, rows: dict[str, Row]) -> None:
-    servers = [s for s in ("vhdblkd", "vhdblkd-simple", "qemu-nbd") if s in cfg.servers]
+    servers = [s for s in ("vhdblkd", "vhdblkd-simple", "compare", "qemu-nbd") if s in cfg.servers]
     dyn = cfg.workdir / "half.vhd"
     log("read: building a half-allocated dynamic image and a 3-file differencing chain")
     make_half_dynamic(cfg, dyn)
@@ -551,6 +558,22 @@ TARGETS = (
              at_most=True) for cmd, key in (("info", "info"), ("--help", "help"), ("list", "list"))),
 )
 COLUMNS = ("vhdblkd", "vhdblkd-simple", "qemu-nbd", "nbdkit", "nbdkit-simple", "psync")
+
+
+def compare_lines(rows: dict[str, Row], md: bool) -> list[str]:
+    """vhdblkd over the --compare executable, row by row, paired run by run."""
+    body = []
+    for row in rows.values():
+        v = ratio(rows, (row.key, "vhdblkd"), (row.key, "compare"))
+        if row.unit == "IOPS" and v is not None:
+            body.append([row.label, fmt_iops(row.median("compare"), row.spread("compare")),
+                         fmt_iops(row.median("vhdblkd"), row.spread("vhdblkd")),
+                         fmt_ratio(v, ratio_spread(rows, (row.key, "vhdblkd"), (row.key, "compare")))])
+    if not body:
+        return []
+    return ["", "vhdblkd against --compare, measured in the same runs (IOPS, median (min-max); the ratio's "
+                "range is of the per-run ratios):", "",
+            *grid(["workload", "compare", "vhdblkd", "vhdblkd/compare"], body, md)]
 
 
 def structured_cost_lines(rows: dict[str, Row], md: bool) -> list[str]:
@@ -684,7 +707,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
             "chain row does less work than ours.",
             "Single runs of one cell can differ by a factor of two on a small shared machine "
             "(QD1 rows most); results.json keeps every run."]
-    out += structured_cost_lines(rows, md) + sparse_lines(rows, md) + cli_lines(rows, md)
+    out += compare_lines(rows, md) + structured_cost_lines(rows, md) + sparse_lines(rows, md) + cli_lines(rows, md)
     out += ["", "Targets (ratio of the medians; in brackets the range of the per-run ratios; "
                 "* the range spans the target, so the gap is within the noise):"]
     body = []
