@@ -85,8 +85,9 @@ def test_info_imports_only_what_opening_needs(baseline: set[str], image: Path) -
     unneeded = ENGINES - {f"vhdblkd.vhd.{m}" for m in ("image", "base", "dynamic", "differencing", "fixed")}
     # uuid and datetime: info prints ids and timestamps without them (structs.uuid_text, time.gmtime);
     # dataclasses (and its inspect): the format layer's structures are records (vhd/record.py).
+    # logging: the format layer's loggers are lazy (vhd/lazylog.py), set up at a first warning.
     assert not _loaded(found, baseline, unneeded | DAEMON_CLIENT | {"fractions", "ctypes", "uuid", "datetime",
-                                                                    "dataclasses", "inspect"})
+                                                                    "dataclasses", "inspect", "logging"})
 
 
 def test_info_of_a_differencing_image_imports_no_dataclasses(baseline: set[str], image: Path) -> None:

@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", action="store_true", help="print JSON with stable keys")
     p.add_argument("image", metavar="IMAGE")
     add_parent_args(p)
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=cmd_info, lazy_logging=True)  # only the format layer's lazy loggers may speak
 
     p = subparsers.add_parser(
         "check",

@@ -43,16 +43,26 @@ def command_of(argv: list[str]) -> str | None:
     return None
 
 
+def _setup_logging(verbose: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="vhdblkctl: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(command_of(argv)).parse_args(argv)
     if args.verbose or not getattr(args, "in_daemon", False):
         # After parsing, and not for device commands (the daemon does their work):
-        # importing logging is a fifth of `vhdblkctl list`.
-        import logging
+        # importing logging is a fifth of `vhdblkctl list`.  A command whose only
+        # loggers are the format layer's lazy ones (info) sets it up at their first message.
+        if getattr(args, "lazy_logging", False) and not args.verbose:
+            from vhdblkd.vhd import lazylog
 
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="vhdblkctl: %(message)s")
+            lazylog.before_first = _setup_logging
+        else:
+            _setup_logging(args.verbose)
     try:
         rc: int = args.func(args)
     except VhdblkError as exc:

@@ -43,7 +43,6 @@ truncated at close().
 
 from __future__ import annotations
 
-import logging
 import threading
 
 from vhdblkd.backend import Buffer
@@ -64,10 +63,11 @@ from vhdblkd.vhd.blockmap import (
 )
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, scan
+from vhdblkd.vhd.lazylog import LazyLogger
 from vhdblkd.vhd.lock import ImageLock
 from vhdblkd.vhd.recovery import needs_repair, repair
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)  # logging loads at the first warning: `vhdblkctl info` needs none
 
 _NOT_LOADED = bytearray()  # sentinel for a bitmap not read yet (never a valid bitmap)
 Dest = bytearray | memoryview  # where a read goes; sliced only as a memoryview, so writes go through

@@ -23,15 +23,14 @@ Every step keeps the file openable if it is interrupted:
 
 from __future__ import annotations
 
-import logging
-
 from vhdblkd.vhd import constants as c
 from vhdblkd.vhd import header_shadow
 from vhdblkd.vhd.fileio import ImageFile
 from vhdblkd.vhd.layout import Layout, scan
+from vhdblkd.vhd.lazylog import LazyLogger
 from vhdblkd.vhd.structs import DynamicHeader, ParentLocator
 
-log = logging.getLogger(__name__)
+log = LazyLogger(__name__)  # logging loads at the first warning: `vhdblkctl info` needs none
 
 
 def needs_repair(lay: Layout) -> bool:
