@@ -29,7 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))  # for ublkbench, the opt-in ublk section beside this file
+sys.path.insert(0, str(REPO / "bench"))
+import ublkbench  # noqa: E402 - the opt-in ublk section, beside this file
+from fiojob import Job  # noqa: E402 - beside this file
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -197,17 +199,6 @@ def serving(cfg: Config, kind: str, image: Path, read_only: bool = False) -> Ite
                 proc.kill()
                 proc.wait()
         errlog.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One fio job shape."""
-
-    key: str
-    label: str
-    rw: str
-    bs: str
-    qd: int
 
 
 def fio(cfg: Config, job: Job, target: dict[str, str], *, ramp: bool = True,
@@ -739,8 +730,6 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
         for k, v in kern.items():
             out.append(f"{'- ' if md else '  '}{k}: {v}")
-    import ublkbench  # here, not at the top: ublkbench imports this module's Job
-
     out += ublkbench.render_lines(results.get("ublk"), md)
     return "\n".join(out) + "\n"
 
@@ -947,8 +936,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "vhdblkd" in cfg.servers and not os.access(cfg.vhdblkd, os.X_OK):
         print(f"bench: {cfg.vhdblkd} not found; run bash .ci/setup or pass --vhdblkd", file=sys.stderr)
         return 2
-    import ublkbench  # here, not at the top: ublkbench imports this module's Job
-
     rows: dict[str, Row] = {}
     results: dict[str, object] = {"machine": machine()}
     steps: list[tuple[str, Callable[[], None]]] = [

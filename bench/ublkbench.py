@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from nbdbench import Job  # beside this file; nbdbench imports this module only when it runs the section
+from fiojob import Job  # beside this file, shared with nbdbench
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
