@@ -79,7 +79,7 @@ def option(sock: socket.socket, opt: int, data: bytes = b"") -> list[tuple[int, 
         if rep & 0x80000000:
             raise RuntimeError(f"option {opt} refused: reply {rep:#x} {body!r}")
         replies.append((rep, body))
-        if rep == REP_ACK or opt == OPT_STRUCTURED_REPLY:
+        if rep == REP_ACK:  # every option's last reply (STRUCTURED_REPLY's only one)
             return replies
 
 
