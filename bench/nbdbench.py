@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
+import srcost  # noqa: E402 - the paired structured-reply section, beside this file
 import ublkbench  # noqa: E402 - the opt-in ublk section, beside this file
 from fiojob import Job  # noqa: E402 - beside this file
 
@@ -48,6 +49,8 @@ class Config:
     runs: int
     runtime_s: int
     ramp_s: int
+    sr_rounds: int  # section sr: rounds of paired runs
+    sr_runtime_s: int  # section sr: seconds per run
     fixed_size: int  # the fixed image, its raw twin, the read images
     alloc_size: int  # the fresh dynamic images the allocation workloads fill
     mem_size: int  # the large dynamic image whose RSS is measured
@@ -63,7 +66,7 @@ class Config:
     argv: tuple[str, ...]  # as given, for the report
 
 
-SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "kernel", "ublk")
+SECTIONS = ("fixed", "alloc", "read", "memory", "sparse", "cli", "sr", "kernel", "ublk")
 # vhdblkd-simple: vhdblkd with structured replies refused, to show what negotiating them costs;
 # nbdkit-simple (nbdkit --no-sr) is the control: what they cost a server that is not ours,
 # which is the client's (libnbd's) share of that cost, paid on the same two CPUs.
@@ -78,12 +81,14 @@ def parse_args(argv: Sequence[str]) -> Config:
     p.add_argument("--runs", type=int, help="runs per cell; the median is reported (default 3)")
     p.add_argument("--runtime", type=int, help="seconds per fio job (default 5)")
     p.add_argument("--ramp", type=int, help="fio ramp_time seconds on steady-state jobs (default 1)")
+    p.add_argument("--sr-rounds", type=int, help="section sr: rounds of back-to-back paired runs (default 16)")
+    p.add_argument("--sr-runtime", type=int, help="section sr: seconds per paired run (default 2)")
     p.add_argument("--size-mib", type=int, help="fixed/read image size in MiB (default 1024)")
     p.add_argument("--alloc-size-mib", type=int,
                    help="size of each fresh dynamic image for the allocation workloads (default 8192)")
     p.add_argument("--mem-size-gib", type=int, help="dynamic image for the RSS check (default 100)")
     p.add_argument("--mem-write-mib", type=int, help="random 4k writes before the 2nd RSS sample (default 1024)")
-    p.add_argument("--sections", default=",".join(SECTIONS[:6]),
+    p.add_argument("--sections", default=",".join(SECTIONS[:7]),
                    help=f"comma list of {','.join(SECTIONS)} (kernel and ublk are opt-in; default: %(default)s)")
     p.add_argument("--servers", default=",".join(SERVERS[:-1]), help="comma list (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="scratch directory for images (default: a temp dir under /var/tmp)")
@@ -110,6 +115,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         runs=pick(a.runs, 1, 3),
         runtime_s=pick(a.runtime, 1, 5),
         ramp_s=pick(a.ramp, 0, 1),
+        sr_rounds=pick(a.sr_rounds, 2, 16),
+        sr_runtime_s=pick(a.sr_runtime, 1, 2),
         fixed_size=pick(a.size_mib, 64, 1024) * MiB,
         alloc_size=pick(a.alloc_size_mib, 256, 8192) * MiB,
         mem_size=pick(a.mem_size_gib, 4, 100) * GiB,
@@ -490,6 +497,20 @@ def section_read(cfg: Config, rows: dict[str, Row]) -> None:
         f.unlink()
 
 
+def section_sr(cfg: Config, results: dict[str, object]) -> None:
+    log(f"sr: a {cfg.fixed_size // MiB} MiB fixed VHD and its raw twin, served read-only")
+    raw, vhd = make_fixed_pair(cfg)
+
+    def serve(kind: str) -> contextlib.AbstractContextManager[tuple[Path, int]]:
+        return serving(cfg, kind, raw if kind.startswith("nbdkit") else vhd, read_only=True)
+
+    try:
+        results["sr"] = srcost.measure(serve, cfg.workdir, cfg.sr_rounds, cfg.sr_runtime_s, log)
+    finally:
+        raw.unlink()
+        vhd.unlink()
+
+
 def section_memory(cfg: Config, results: dict[str, object]) -> None:
     """RSS of `vhdblkd export`: idle on a small and a huge dynamic image, then
     after random 4k writes into the huge one.  Idle RSS must not depend on the
@@ -646,7 +667,7 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
     return grid(head, body, md) if body else []
 
 
-def target_lines(rows: dict[str, Row]) -> list[tuple[str, float | None, bool | None, tuple[float, float] | None,
+def target_lines(rows: dict[str, Row], results: dict[str, object]) -> list[tuple[str, float | None, bool | None, tuple[float, float] | None,
                                                     bool]]:
     """(label, ratio, met, per-run range, whether that range spans the target: within noise)."""
     out = []
@@ -655,7 +676,7 @@ def target_lines(rows: dict[str, Row]) -> list[tuple[str, float | None, bool | N
         rs = ratio_spread(rows, t.num, t.den)
         noisy = rs is not None and rs[0] <= t.ratio <= rs[1]
         out.append((t.label, v, None if v is None else t.met(v), rs, noisy))
-    return out
+    return out + srcost.target_lines(results.get("sr"))
 
 
 def machine() -> dict[str, str]:
@@ -702,7 +723,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
     out += ["", "Targets (ratio of the medians; in brackets the range of the per-run ratios; "
                 "* the range spans the target, so the gap is within the noise):"]
     body = []
-    for label, v, ok, rs, noisy in target_lines(rows):
+    for label, v, ok, rs, noisy in target_lines(rows, results):
         mark = "n/a" if ok is None else ("yes" if ok else "NO") + ("*" if noisy else "")
         body.append([label, fmt_ratio(v, rs), mark])
     out += grid(["target", "measured (min-max)", "met"], body, md)
@@ -730,6 +751,7 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
         for k, v in kern.items():
             out.append(f"{'- ' if md else '  '}{k}: {v}")
+    out += srcost.render_lines(results.get("sr"), md)
     out += ublkbench.render_lines(results.get("ublk"), md)
     return "\n".join(out) + "\n"
 
@@ -945,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("memory", lambda: section_memory(cfg, results)),
         ("sparse", lambda: section_sparse(cfg, rows)),
         ("cli", lambda: section_cli(cfg, rows)),
+        ("sr", lambda: section_sr(cfg, results)),
         ("kernel", lambda: section_kernel(cfg, results)),
         ("ublk", lambda: ublkbench.section_ublk(cfg.runs, cfg.runtime_s, results, quick=cfg.quick)),
     ]
@@ -968,7 +991,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows.values()
     ]
     results["targets"] = [{"target": label, "ratio": v, "met": ok, "ratio_spread": rs, "within_noise": noisy}
-                          for label, v, ok, rs, noisy in target_lines(rows)]
+                          for label, v, ok, rs, noisy in target_lines(rows, results)]
     cfg.outdir.mkdir(parents=True, exist_ok=True)
     (cfg.outdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (cfg.outdir / "RESULTS.md").write_text(render(cfg, rows, results, md=True))

@@ -15,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "nbdbench.py"
+sys.path.insert(0, str(REPO / "bench"))
+from srcost import JOBS as SRCOST_JOBS  # noqa: E402 - bench/ is no package
 
 
 @pytest.mark.peers
@@ -57,6 +59,15 @@ def test_quick_run_prints_table_and_writes_results(tmp_path: Path) -> None:
     assert "vhdblkctl info: <= 2x python -c pass" in out
     # what structured replies cost, ours beside the control's (nbdkit --no-sr)
     assert "Structured replies over simple ones" in out
+    # the paired structured-reply runs: every server of both pairs, every round, real requests
+    sr = results["sr"]
+    assert set(sr["jobs"]) == {j.key for j in SRCOST_JOBS}
+    for job in sr["jobs"].values():
+        assert set(job["runs"]) == {"vhdblkd", "vhdblkd-simple", "nbdkit", "nbdkit-simple"}
+        assert all(len(r) == sr["rounds"] and all(x["ios"] > 0 and x["server_cpu"] >= 0 for x in r)
+                   for r in job["runs"].values())
+    assert "Structured replies, paired runs" in out
+    assert "server's share of structured replies >= 0.95x (paired)" in out
     # every target got a measured ratio
     assert all(t["ratio"] is not None for t in results["targets"]), results["targets"]
     mem = results["memory"]
