@@ -88,8 +88,7 @@ def median_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
         if below_next > tail:
             break
         below, k = below_next, k + 1
-    lo = v[max(k - 1, 0)] if k else v[0]
-    hi = v[n - k] if k else v[-1]
+    lo, hi = (v[k - 1], v[n - k]) if k else (v[0], v[-1])
     return statistics.median(v), lo, hi
 
 
