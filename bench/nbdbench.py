@@ -667,10 +667,9 @@ def table_lines(rows: dict[str, Row], md: bool) -> list[str]:
     return grid(head, body, md) if body else []
 
 
-def target_lines(rows: dict[str, Row], results: dict[str, object]) -> list[tuple[str, float | None, bool | None, tuple[float, float] | None,
-                                                    bool]]:
+def target_lines(rows: dict[str, Row], results: dict[str, object]) -> list[srcost.TargetLine]:
     """(label, ratio, met, per-run range, whether that range spans the target: within noise)."""
-    out = []
+    out: list[srcost.TargetLine] = []
     for t in TARGETS:
         v = ratio(rows, t.num, t.den)
         rs = ratio_spread(rows, t.num, t.den)

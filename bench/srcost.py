@@ -45,6 +45,8 @@ CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 SHARE_TARGET = 0.95  # the export rows may lose at most 5 % with structured replies
 
 Interval = tuple[float, float, float]  # median, low, high
+# A target's row in nbdbench's table: label, measured, met, range, whether the range spans the target.
+TargetLine = tuple[str, float | None, bool | None, tuple[float, float] | None, bool]
 Serve = Callable[[str], contextlib.AbstractContextManager[tuple[Path, int]]]
 
 
@@ -165,12 +167,12 @@ def render_lines(data: object, md: bool) -> list[str]:
     return lines
 
 
-def target_lines(data: object) -> list[tuple[str, float | None, bool | None, tuple[float, float] | None, bool]]:
+def target_lines(data: object) -> list[TargetLine]:
     """nbdbench's target rows: the server's share of structured replies >= 0.95x, per job
     (noisy when the interval spans 0.95)."""
     if not isinstance(data, dict) or not data.get("jobs"):
         return []
-    out: list[tuple[str, float | None, bool | None, tuple[float, float] | None, bool]] = []
+    out: list[TargetLine] = []
     for r in summary(data):
         m, lo, hi = r.server_share
         out.append((f"fixed {r.label}: server's share of structured replies >= 0.95x (paired)",
