@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -213,11 +214,18 @@ def fio(cfg: Config, job: Job, target: dict[str, str], *, ramp: bool = True,
     """Run one fio job against `target` (uri=... or filename=...); return IOPS.
 
     Time-based (--runtime) unless `io_size` bytes are asked for."""
+    j = fio_job(cfg, job, target, ramp=ramp, io_size=io_size, extra=extra)
+    return float(j["read"]["iops"] + j["write"]["iops"])
+
+
+def fio_job(cfg: Config, job: Job, target: dict[str, str], *, ramp: bool = True, io_size: int | None = None,
+            runtime_s: int | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """`fio`, returning fio's whole JSON report of the job; `runtime_s` overrides --runtime."""
     out = cfg.workdir / "fio.json"
     args = ["fio", "--name=bench", f"--rw={job.rw}", f"--bs={job.bs}", f"--iodepth={job.qd}",
             "--randrepeat=0", "--norandommap", f"--output={out}", "--output-format=json", *extra]
     if io_size is None:
-        args += [f"--runtime={cfg.runtime_s}", "--time_based"]
+        args += [f"--runtime={cfg.runtime_s if runtime_s is None else runtime_s}", "--time_based"]
     else:
         args.append(f"--io_size={io_size}")
     if ramp and cfg.ramp_s:
@@ -225,10 +233,10 @@ def fio(cfg: Config, job: Job, target: dict[str, str], *, ramp: bool = True,
     args += [f"--{k}={v}" for k, v in target.items()]
     run(args)
     data = json.loads(out.read_text())
-    j = data["jobs"][0]
+    j: dict[str, Any] = data["jobs"][0]
     if j["error"]:
         raise RuntimeError(f"fio job {job.key} failed with error {j['error']}")
-    return float(j["read"]["iops"] + j["write"]["iops"])
+    return j
 
 
 def nbd_target(sock: Path) -> dict[str, str]:
@@ -504,8 +512,11 @@ def section_sr(cfg: Config, results: dict[str, object]) -> None:
     def serve(kind: str) -> contextlib.AbstractContextManager[tuple[Path, int]]:
         return serving(cfg, kind, raw if kind.startswith("nbdkit") else vhd, read_only=True)
 
+    def run_fio(job: Job, sock: Path) -> dict[str, Any]:
+        return fio_job(cfg, job, nbd_target(sock), ramp=False, runtime_s=cfg.sr_runtime_s)
+
     try:
-        results["sr"] = srcost.measure(serve, cfg.workdir, cfg.sr_rounds, cfg.sr_runtime_s, log)
+        results["sr"] = srcost.measure(serve, run_fio, cfg.sr_rounds, cfg.sr_runtime_s, log)
     finally:
         raw.unlink()
         vhd.unlink()
@@ -750,7 +761,10 @@ def render(cfg: Config, rows: dict[str, Row], results: dict[str, object], md: bo
         out += ["", "Kernel path (user-mode Linux guest, ratios only):"]
         for k, v in kern.items():
             out.append(f"{'- ' if md else '  '}{k}: {v}")
-    out += srcost.render_lines(results.get("sr"), md)
+    sr_table = srcost.table(results.get("sr"))
+    if sr_table is not None:
+        caption, head, body = sr_table
+        out += ["", caption, "", *grid(head, body, md)]
     out += ublkbench.render_lines(results.get("ublk"), md)
     return "\n".join(out) + "\n"
 

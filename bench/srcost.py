@@ -16,18 +16,17 @@ the control's, pair round by pair round.  Beside the ratios, the CPU time per
 request of each side: the server's from /proc (every thread of it), the
 client's as fio reports it for its job.
 
-Used by nbdbench.py (section "sr"); nothing here starts a server itself.
+Used by nbdbench.py (section "sr"), which hands in how to start a server and
+run fio, and renders the table; nothing here starts a process itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import statistics
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ JOBS = (
 )
 # (structured, simple) server pairs; each pair's two runs are adjacent in every round.
 PAIRS = (("vhdblkd", "vhdblkd-simple"), ("nbdkit", "nbdkit-simple"))
+SERVERS = tuple(s for pair in PAIRS for s in pair)
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 SHARE_TARGET = 0.95  # the export rows may lose at most 5 % with structured replies
 
@@ -48,6 +48,7 @@ Interval = tuple[float, float, float]  # median, low, high
 # A target's row in nbdbench's table: label, measured, met, range, whether the range spans the target.
 TargetLine = tuple[str, float | None, bool | None, tuple[float, float] | None, bool]
 Serve = Callable[[str], contextlib.AbstractContextManager[tuple[Path, int]]]
+RunFio = Callable[[Job, Path], dict[str, Any]]  # one time-based job over a socket -> fio's JSON for it
 
 
 def cpu_seconds(pid: int) -> float:
@@ -56,26 +57,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
-def fio_run(job: Job, sock: Path, runtime_s: float, out: Path) -> tuple[float, int, float]:
-    """(IOPS, requests, client CPU seconds) of one time-based fio job over `sock`."""
-    subprocess.run(
-        ["fio", "--name=sr", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}", f"--rw={job.rw}",
-         f"--bs={job.bs}", f"--iodepth={job.qd}", "--randrepeat=0", "--norandommap",
-         f"--runtime={runtime_s}", "--time_based", f"--output={out}", "--output-format=json"],
-        check=True, capture_output=True)
-    j = json.loads(out.read_text())["jobs"][0]
-    if j["error"]:
-        raise RuntimeError(f"fio job {job.key} failed with error {j['error']}")
-    ios = int(j["read"]["total_ios"])
-    client_cpu = (float(j["usr_cpu"]) + float(j["sys_cpu"])) / 100 * float(j["job_runtime"]) / 1000
-    return float(j["read"]["iops"]), ios, client_cpu
+def client_cpu_seconds(job: dict[str, Any]) -> float:
+    """The CPU time fio's job used, from its JSON (usr_cpu and sys_cpu are percent of job_runtime, in ms)."""
+    return (float(job["usr_cpu"]) + float(job["sys_cpu"])) / 100 * float(job["job_runtime"]) / 1000
 
 
 def round_order(n: int) -> list[str]:
     """Round n's servers: each pair adjacent, and every other round reversed, so neither
     side of a pair always runs first."""
-    flat = [s for pair in PAIRS for s in pair]
-    return flat if n % 2 == 0 else flat[::-1]
+    return list(SERVERS if n % 2 == 0 else SERVERS[::-1])
 
 
 def median_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -94,24 +84,24 @@ def median_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
     return statistics.median(v), lo, hi
 
 
-def measure(serve: Serve, workdir: Path, rounds: int, runtime_s: float,
+def measure(serve: Serve, run_fio: RunFio, rounds: int, runtime_s: float,
             log: Callable[[str], None]) -> dict[str, object]:
     """Every job, `rounds` rounds of all four servers; the per-run numbers, for results.json."""
-    servers = [s for pair in PAIRS for s in pair]
     jobs: dict[str, object] = {}
     out: dict[str, object] = {"rounds": rounds, "runtime_s": runtime_s, "jobs": jobs}
     with contextlib.ExitStack() as stack:
-        socks = {s: stack.enter_context(serve(s)) for s in servers}
+        socks = {s: stack.enter_context(serve(s)) for s in SERVERS}
         for job in JOBS:
-            runs: dict[str, list[dict[str, float]]] = {s: [] for s in servers}
-            log(f"sr: {job.label}, {rounds} rounds of {len(servers)} x {runtime_s} s")
+            runs: dict[str, list[dict[str, float]]] = {s: [] for s in SERVERS}
+            log(f"sr: {job.label}, {rounds} rounds of {len(SERVERS)} x {runtime_s} s")
             for n in range(rounds):
                 for s in round_order(n):
                     sock, pid = socks[s]
                     before = cpu_seconds(pid)
-                    iops, ios, client = fio_run(job, sock, runtime_s, workdir / "sr-fio.json")
-                    runs[s].append({"iops": iops, "ios": ios, "server_cpu": cpu_seconds(pid) - before,
-                                    "client_cpu": client})
+                    result = run_fio(job, sock)
+                    runs[s].append({"iops": float(result["read"]["iops"]), "ios": int(result["read"]["total_ios"]),
+                                    "server_cpu": cpu_seconds(pid) - before,
+                                    "client_cpu": client_cpu_seconds(result)})
             jobs[job.key] = {"label": job.label, "runs": runs}
     return out
 
@@ -143,28 +133,23 @@ def _ci(m: Interval) -> str:
     return f"{m[0]:.3f}x ({m[1]:.3f}-{m[2]:.3f})"
 
 
-def render_lines(data: object, md: bool) -> list[str]:
+def table(data: object) -> tuple[str, list[str], list[list[str]]] | None:
+    """(caption, head, body) of the paired-runs table, for nbdbench's grid; None when not measured."""
     if not isinstance(data, dict) or not data.get("jobs"):
-        return []
-    rows = summary(data)
-    (ours, ours_simple), (theirs, theirs_simple) = PAIRS
+        return None
+    (ours, ours_simple), (theirs, _) = PAIRS
     head = ["workload", "vhdblkd SR/simple", "nbdkit SR/simple (control)", "server's share",
             "vhdblkd server CPU us/req SR, simple", "client CPU us/req SR, simple (vhdblkd)"]
     body = []
-    for r in rows:
+    for r in summary(data):
         cpu = r.cpu_us
         body.append([r.label, _ci(r.ratio[ours]), _ci(r.ratio[theirs]), _ci(r.server_share),
                      f"{cpu[ours]['server']:.1f}, {cpu[ours_simple]['server']:.1f}",
                      f"{cpu[ours]['client']:.1f}, {cpu[ours_simple]['client']:.1f}"])
-    lines = ["", f"Structured replies, paired runs ({data['rounds']} rounds of back-to-back {data['runtime_s']} s "
-                 "runs, order alternating): median of the pair ratios of IOPS, in brackets its 95 % interval; "
-                 "the server's share is vhdblkd's ratio over the control's, round by round:", ""]
-    if md:
-        lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-    else:
-        lines += ["  ".join(head)] + ["  ".join(b) for b in body]
-    return lines
+    caption = (f"Structured replies, paired runs ({data['rounds']} rounds of back-to-back {data['runtime_s']} s "
+               "runs, order alternating): median of the pair ratios of IOPS, in brackets its 95 % interval; "
+               "the server's share is vhdblkd's ratio over the control's, round by round:")
+    return caption, head, body
 
 
 def target_lines(data: object) -> list[TargetLine]:

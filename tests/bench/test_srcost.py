@@ -7,6 +7,7 @@ servers); here synthetic runs pin the arithmetic the verdicts rest on.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_median_interval_covers_the_true_median_about_95_percent() -> None:
 def test_each_pair_is_adjacent_and_alternates_which_side_goes_first() -> None:
     for n in range(4):
         order = srcost.round_order(n)
-        assert sorted(order) == sorted(s for pair in srcost.PAIRS for s in pair)
+        assert sorted(order) == sorted(srcost.SERVERS) and len(order) == 4
         for a, b in srcost.PAIRS:
             assert abs(order.index(a) - order.index(b)) == 1
     firsts = {srcost.round_order(n).index("vhdblkd") < srcost.round_order(n).index("vhdblkd-simple")
@@ -84,7 +85,11 @@ def test_summary_divides_ours_by_the_control_round_by_round() -> None:
     (target,) = srcost.target_lines(data)
     label, value, met, spread, noisy = target
     assert "rand read 4k QD1" in label and met and value == pytest.approx(1.125) and not noisy
-    assert any("1.125x" in line for line in srcost.render_lines(data, md=True))
+    table = srcost.table(data)
+    assert table is not None
+    _, head, ((label_cell, *cells),) = table
+    assert len(cells) == len(head) - 1 and label_cell == "rand read 4k QD1"
+    assert cells[2] == "1.125x (1.125-1.125)"  # the server's share, with its interval
 
 
 def test_a_server_share_below_the_target_is_not_met() -> None:
@@ -95,13 +100,15 @@ def test_a_server_share_below_the_target_is_not_met() -> None:
     assert value == pytest.approx(0.8) and met is False and noisy is False
 
 
+def test_client_cpu_is_fio_percentages_of_the_job_runtime() -> None:
+    assert srcost.client_cpu_seconds({"usr_cpu": 10.0, "sys_cpu": 30.0, "job_runtime": 2000}) == pytest.approx(0.8)
+
+
 def test_nothing_measured_renders_nothing() -> None:
-    assert srcost.render_lines(None, md=True) == [] and srcost.target_lines({"jobs": {}}) == []
+    assert srcost.table(None) is None and srcost.target_lines({"jobs": {}}) == []
 
 
 def test_cpu_seconds_of_this_process_grow_with_work() -> None:
-    import os
-
     before = srcost.cpu_seconds(os.getpid())
     x = 0
     while srcost.cpu_seconds(os.getpid()) - before < 0.05:
